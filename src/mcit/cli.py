@@ -1,0 +1,138 @@
+"""The ``mcit`` command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mcit.errors import McitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal continual instruction tuning.")
+data_app = typer.Typer(no_args_is_help=True, help="Write and check benchmark data.")
+app.add_typer(data_app, name="data")
+out = Console()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML run config, e.g. configs/synth/seqft.yaml")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=3e-4 (repeatable)")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<config name>)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished task")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
+):
+    """Train a task stream and evaluate every task after each one."""
+    from mcit.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    _quiet_libraries()
+    from mcit.report import METRICS
+    from mcit.runner import run as run_stream
+
+    target = out_dir or Path("runs") / (cfg.name or config.stem)
+    results = run_stream(cfg, target, resume=resume, show_progress=not quiet)
+    table = Table(title=f"{results['method']} on {results['benchmark']}: {target}")
+    for m in METRICS:
+        table.add_column(m, justify="right")
+    table.add_row(*("n/a" if results["metrics"][m] is None else f"{results['metrics'][m]:.2f}" for m in METRICS))
+    out.print(table)
+    out.print(f"results: {target / 'results.json'}  report: {target / 'report.md'}")
+
+
+@app.command()
+def methods():
+    """List the methods, their options and their papers."""
+    from mcit.methods import available_methods
+
+    for name, cls in available_methods().items():
+        out.print(f"[bold]{name}[/]  ({cls.schedule})  {cls.summary}")
+        if cls.paper:
+            out.print(f"    paper: {cls.paper}")
+        for field_name, field in cls.Options.model_fields.items():
+            desc = f"  {field.description}" if field.description else ""
+            out.print(f"    {field_name} = {field.default!r}{desc}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the benchmark into")],
+    seed: int = 0,
+    train_size: int = 3000,
+    test_size: int = 200,
+    base_size: int = 20000,
+    image_size: int = 48,
+):
+    """Write the embedded synthetic benchmark (LLaVA JSON + PNG) to disk."""
+    from mcit.data.synth import generate_synth
+
+    with out.status("generating") as status:
+        generate_synth(out_dir, seed, train_size, test_size, base_size, image_size,
+                       progress=lambda part: status.update(f"generating {part}"))
+    out.print(f"wrote {out_dir / 'benchmark.json'}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories holding results.json")],
+    figure: Annotated[Path | None, typer.Option("--figure", help="PNG to write (default: compare.png)")] = Path("compare.png"),
+):
+    """A table of the metrics of several runs, and one figure."""
+    from mcit.report import METRICS
+    from mcit.report import compare as compare_runs
+
+    rows = compare_runs(run_dirs, figure)
+    table = Table(title="mcit compare")
+    for col in ("run", "method", "seed", *METRICS):
+        table.add_column(col, justify="left" if col in ("run", "method") else "right")
+    for r in rows:
+        table.add_row(r["run"], r["method"], str(r["seed"]),
+                      *("n/a" if r[m] is None else f"{r[m]:.2f}" for m in METRICS))
+    out.print(table)
+    if figure:
+        out.print(f"figure: {figure}")
+
+
+def main() -> None:
+    debug = os.environ.get("MCIT_DEBUG") == "1"
+    try:
+        app(standalone_mode=False)
+    except McitError as e:
+        if debug:
+            raise
+        Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; continue with --resume")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Typed run configuration: YAML + ``--set a.b=c`` overrides, validated before any work.
+
+Every section maps one-to-one to the arguments of the component it configures. Unknown keys
+and bad values are errors naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mcit.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(Strict):
+    """Sizes of the generated benchmark (written once per distinct setting, then cached)."""
+
+    seed: int = 0
+    train_size: int = Field(3000, ge=1)
+    test_size: int = Field(200, ge=1)
+    base_size: int = Field(20000, ge=1)
+    image_size: int = Field(48, ge=8)
+
+
+class BenchmarkConfig(Strict):
+    name: str = "synth"
+    root: Path | None = None  # a prepared benchmark folder; synth: generated into the cache if None
+    tasks: list[str] | None = None  # the stream, in order; None = the benchmark's default stream
+    synth: SynthConfig = SynthConfig()
+    max_train: int | None = Field(None, ge=1)  # cap per task (first N records)
+    max_test: int | None = Field(None, ge=1)
+
+
+class TinyModelConfig(Strict):
+    image_size: int = Field(48, ge=8)
+    patch_size: int = Field(8, ge=1)
+    vision_hidden: int = Field(64, ge=8)
+    vision_layers: int = Field(2, ge=1)
+    vision_heads: int = Field(4, ge=1)
+    text_hidden: int = Field(128, ge=8)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    max_length: int = Field(48, ge=8)  # text tokens (prompt + answer), image tokens excluded
+    init_seed: int = 0
+
+    @model_validator(mode="after")
+    def _divisible(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.text_hidden % self.text_heads or self.vision_hidden % self.vision_heads:
+            raise ValueError("hidden sizes must be multiples of their head counts")
+        return self
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelConfig(Strict):
+    kind: Literal["tiny", "hf"] = "tiny"
+    path: Path | None = None  # hf: a local checkpoint folder
+    tiny: TinyModelConfig = TinyModelConfig()
+    tuning: Literal["full", "lora", "projector"] = "full"
+    lora: LoraConfig = LoraConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    prompt_template: str = "USER: {question} ASSISTANT:"
+
+    @model_validator(mode="after")
+    def _path_for_hf(self):
+        if self.kind == "hf" and self.path is None:
+            raise ValueError("model.kind 'hf' needs model.path (a local checkpoint folder)")
+        if "{question}" not in self.prompt_template:
+            raise ValueError("model.prompt_template must contain '{question}'")
+        return self
+
+
+class OptimConfig(Strict):
+    steps: int = Field(400, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+
+
+class BaseTrainingConfig(OptimConfig):
+    """Instruction-pretraining of the starting model on the benchmark's base mix (tiny only)."""
+
+    enabled: bool = True
+    mix: dict[str, float] = {"describe": 1.0}  # base parts or task names -> sampling weight
+    steps: int = Field(3000, ge=0)
+    lr: float = Field(2e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if self.enabled and (not self.mix or any(w <= 0 for w in self.mix.values())):
+            raise ValueError("base.mix must map at least one part to a positive weight")
+        return self
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(24, ge=1)  # a task's own max_new_tokens, if set, wins
+
+
+class RunConfig(Strict):
+    name: str | None = None
+    seed: int = 0
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    model: ModelConfig = ModelConfig()
+    base: BaseTrainingConfig = BaseTrainingConfig()
+    train: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    method: dict[str, Any] = {"name": "seqft"}
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: Path | None = None  # default: $MCIT_CACHE or ~/.cache/mcit
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default
+
+    @model_validator(mode="after")
+    def _method(self):
+        from mcit.methods import method_options
+
+        method = dict(self.method)
+        name = method.pop("name", None)
+        if name is None:
+            raise ValueError("method.name is required")
+        try:
+            options = method_options(name).model_validate(method)
+        except ValidationError as e:
+            raise ValueError(format_validation_error(e, prefix="method.", model=method_options(name))) from None
+        self.__dict__["method"] = {"name": name, **options.model_dump(mode="json")}
+        return self
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Walk the model along ``loc`` to list the keys allowed where an unknown key appeared."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def format_validation_error(e: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        key = prefix + ".".join(str(p) for p in loc)
+        if not loc:  # a whole-model check; its message names its own keys
+            lines.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc) if model else None
+            hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{key}: unknown key{hint}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if "input" in err and err["type"] != "value_error" and not isinstance(err["input"], dict):
+                msg += f" (got {err['input']!r})"
+            lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, source=str(path) if path else "config")
+
+
+def config_from_dict(data: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {format_validation_error(e, model=RunConfig)}") from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

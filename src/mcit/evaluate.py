@@ -1,0 +1,58 @@
+"""Batched greedy generation (KV cache) and scoring of one task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mcit.data.benchmark import TaskSpec
+from mcit.data.format import Sample
+
+
+@dataclass
+class TaskEval:
+    task: str
+    scorer: str
+    headline: float
+    details: dict
+    predictions: list[dict]  # {"id", "prediction", "references", "score"}
+    info: dict
+
+
+@torch.no_grad()
+def generate(model, encoder, samples: list[Sample], batch_size: int, max_new_tokens: int, device, method=None, ctx=None) -> list[str]:
+    tokenizer = encoder.tokenizer
+    model.eval()
+    predictions: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in encoder.generation_batch(chunk).items()}
+        if method is not None:
+            method.route(batch, ctx)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
+        predictions.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return predictions
+
+
+def evaluate_task(model, encoder, spec: TaskSpec, samples: list[Sample], eval_cfg, device, method=None, ctx=None) -> TaskEval:
+    from mcit.scoring import score_task
+
+    max_new = spec.max_new_tokens or eval_cfg.max_new_tokens
+    preds = generate(model, encoder, samples, eval_cfg.batch_size, max_new, device, method, ctx)
+    result = score_task(spec.scorer, preds, [s.references for s in samples], spec.scorer_options)
+    per_sample = result.per_sample or [None] * len(preds)
+    rows = [
+        {"id": s.id, "prediction": p, "references": s.references, "score": sc}
+        for s, p, sc in zip(samples, preds, per_sample)
+    ]
+    return TaskEval(spec.name, result.scorer, float(result.headline), dict(result.details), rows, dict(result.info))

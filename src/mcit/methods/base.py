@@ -1,0 +1,86 @@
+"""The method interface: a small class with optional lifecycle hooks.
+
+The runner calls hooks and never looks at method names. A method declares its options as a
+pydantic model (validated with the run config, before any work) and how it walks the stream:
+
+- ``schedule = "sequential"``: one training stage per task, evaluated after each (the default).
+- ``schedule = "joint"``: one stage on the union of the stream's tasks.
+- ``schedule = "none"``: no training (zero-shot).
+
+Method state for checkpoints is ``(tensors, meta)``: tensors go to safetensors, meta to JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+
+    from mcit.data.format import Sample
+
+
+class MethodOptions(BaseModel):
+    """Options common to every method; subclasses add their own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class TaskContext:
+    """What hooks may read: the model, the stream, the current position and the data."""
+
+    model: Any
+    accelerator: Any
+    config: Any  # RunConfig
+    tasks: list[str]
+    train_data: dict[str, list[Sample]]  # every task's training samples (for replay, importance)
+    stage: int = 0  # 1-based index of the task being trained; 0 before training
+    task: str | None = None
+    step: int = 0  # optimiser steps done in the current stage
+    seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+
+class Method:
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    schedule: ClassVar[Literal["sequential", "joint", "none"]] = "sequential"
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def __init__(self, options: MethodOptions):
+        self.options = options
+
+    # --- lifecycle hooks; defaults do nothing -------------------------------------------
+    def setup(self, model, ctx: TaskContext) -> None:
+        """Freeze or add modules once, before the first stage."""
+
+    def train_data(self, task: str, samples: list[Sample], ctx: TaskContext) -> list[Sample]:
+        """The samples to train this stage on (e.g. the task's data plus replay)."""
+        return samples
+
+    def extra_loss(self, batch: dict, outputs, ctx: TaskContext) -> torch.Tensor | None:
+        """A loss term added to the task loss (regularisers, distillation)."""
+        return None
+
+    def before_step(self, ctx: TaskContext) -> None:
+        """Edit gradients after backward, before clipping and the optimiser step."""
+
+    def after_task(self, task: str, ctx: TaskContext) -> None:
+        """After a stage: importances, snapshots, bases."""
+
+    def route(self, batch: dict, ctx: TaskContext) -> None:
+        """Prepare the model for an inference batch (choose an expert or prompt)."""
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        pass

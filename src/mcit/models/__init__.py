@@ -1,0 +1,1 @@
+"""Models: build or load a LLaVA + processor, apply a tuning mode, encode samples."""

@@ -1,0 +1,72 @@
+"""Tuning modes: which parameters train.
+
+- ``full``: the projector and the language model (the vision tower stays frozen, as in LLaVA).
+- ``lora``: PEFT LoRA adapters on the language model's linear layers only; all else frozen.
+- ``projector``: the vision-to-language projector only.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mcit.errors import ConfigError
+
+LANGUAGE_MODEL = "language_model"
+PROJECTOR = "multi_modal_projector"
+VISION = "vision_tower"
+
+
+def apply_tuning(model, mode: str, lora_cfg=None):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if mode == "full":
+        for name, p in model.named_parameters():
+            if VISION not in name:
+                p.requires_grad_(True)
+        return model
+    if mode == "projector":
+        for name, p in model.named_parameters():
+            if PROJECTOR in name:
+                p.requires_grad_(True)
+        return model
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = "|".join(re.escape(m) for m in lora_cfg.target_modules)
+        # A regex so that only the language model's layers get adapters, never the vision tower.
+        pattern = rf".*{LANGUAGE_MODEL}.*\.({targets})"
+        matched = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
+        if not matched:
+            raise ConfigError(
+                f"model.lora.target_modules {lora_cfg.target_modules} match no module of the language model"
+            )
+        config = LoraConfig(
+            r=lora_cfg.r,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            target_modules=pattern,
+            bias="none",
+        )
+        return get_peft_model(model, config)
+    raise ConfigError(f"model.tuning: unknown mode {mode!r}; allowed: full, lora, projector")
+
+
+def trainable_state(model) -> dict:
+    """The trainable tensors by parameter name (what a per-task checkpoint stores)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, tensors: dict) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in params]
+    if missing or unknown:
+        raise ConfigError(
+            f"checkpoint does not fit the model: missing {missing[:3]}, unexpected {unknown[:3]} "
+            "(was it written by a run with another model or tuning config?)"
+        )
+    import torch
+
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -1,0 +1,143 @@
+"""Run outputs: results.json, the matrix heatmap, report.md; and ``compare`` across runs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from mcit.errors import McitError
+from mcit.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+METRICS = ("MFT", "MFN", "MAA", "BWT", "FWT", "forgetting", "FAA_weighted")
+
+
+def metrics_for(matrix: list[list[float]], test_sizes: list[int], schedule: str) -> dict:
+    """Continual metrics of a sequential run; for joint / zero-shot (one row after the start, or
+    none) only the final-row metrics are defined."""
+    from mcit.metrics import continual_metrics
+
+    if schedule == "sequential" and len(matrix) == len(matrix[0]) + 1:
+        return continual_metrics(matrix, test_sizes)
+    last = matrix[-1]
+    total = sum(test_sizes)
+    out = dict.fromkeys(METRICS)
+    out["MFN"] = statistics.fmean(last)
+    out["FAA_weighted"] = sum(n * a for n, a in zip(test_sizes, last)) / total if total else None
+    return out
+
+
+def _figure_png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def heatmap_png(results: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    matrix = np.array(results["matrix"], dtype=float)
+    tasks = results["tasks"]
+    labels = results.get("row_labels") or [str(i) for i in range(len(matrix))]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(tasks), 1.0 + 0.55 * len(matrix)))
+    ax.imshow(np.clip(matrix, 0, 100), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), [f"{i}: {lab}" for i, lab in enumerate(labels)])
+    ax.set_xlabel("evaluated task")
+    ax.set_ylabel("after training")
+    for (r, c), v in np.ndenumerate(matrix):
+        ax.text(c, r, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
+    ax.set_title(f"{results['method']} on {results['benchmark']} (seed {results['seed']})")
+    data = _figure_png(fig)
+    plt.close(fig)
+    return data
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def report_markdown(results: dict) -> str:
+    tasks = results["tasks"]
+    labels = results.get("row_labels") or [str(i) for i in range(len(results["matrix"]))]
+    lines = [
+        f"# {results['method']} on {results['benchmark']} (seed {results['seed']})",
+        "",
+        "| metric | " + " | ".join(METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+        "| value | " + " | ".join(_fmt(results["metrics"].get(m)) for m in METRICS) + " |",
+        "",
+        "Accuracy matrix (row = after training, column = evaluated task; headline score 0-100):",
+        "",
+        "| row | " + " | ".join(f"{t} ({results['scorers'][t]})" for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for i, (label, row) in enumerate(zip(labels, results["matrix"])):
+        lines.append(f"| {i}: {label} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    t = results["timing"]
+    lines += [
+        "",
+        f"Training {t['train_s']:.1f}s over {t['steps']} steps (median {t['step_ms_median']} ms/step), "
+        f"evaluation {t['eval_s']:.1f}s; peak RSS {results['memory']['peak_rss_mb']} MB; "
+        f"trainable parameters {results['parameters']['trainable']:,} of {results['parameters']['total']:,}.",
+        "",
+        "![matrix](matrix.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_run_report(out: Path, results: dict) -> None:
+    atomic_write_json(out / "results.json", results)
+    atomic_write_bytes(out / "matrix.png", heatmap_png(results))
+    atomic_write_text(out / "report.md", report_markdown(results))
+
+
+def load_results(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise McitError(f"{run_dir}: no results.json (is it a finished run directory?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise McitError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def compare(run_dirs: list[str | Path], out_png: str | Path | None = None) -> list[dict]:
+    """One row per run: its name, method, seed and metrics; optionally a bar figure of MFN/BWT."""
+    rows = []
+    for d in run_dirs:
+        r = load_results(d)
+        rows.append({"run": Path(d).name, "method": r["method"], "seed": r["seed"], "tasks": len(r["tasks"]),
+                     **{m: r["metrics"].get(m) for m in METRICS}})
+    if out_png is not None and rows:
+        atomic_write_bytes(out_png, compare_png(rows))
+    return rows
+
+
+def compare_png(rows: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = ["MFT", "MFN", "MAA", "BWT", "FWT"]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(shown), 4))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        xs = [j + i * width for j in range(len(shown))]
+        ax.bar(xs, [row[m] if row[m] is not None else 0 for m in shown], width, label=row["run"])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shown))], shown)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("score (0-100)")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("mcit compare")
+    data = _figure_png(fig)
+    plt.close(fig)
+    return data

@@ -1,0 +1,266 @@
+"""Run a task stream: start model, train each stage, evaluate every task after each, resume.
+
+The run directory is the unit of resumption. After each stage it gets the stage's checkpoint
+(trainable weights + method state), the stage's predictions and finally ``state.json``, written
+last and atomically: a run killed at any point resumes from the last stage whose state.json
+entry exists, and since every stage is seeded from (seed, stage) the resumed matrix equals the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mcit.config import RunConfig, dump_config
+from mcit.data.benchmark import Benchmark, load_benchmark
+from mcit.errors import ConfigError, McitError
+from mcit.evaluate import evaluate_task
+from mcit.methods import TaskContext, get_method
+from mcit.models.encode import Encoder
+from mcit.models.load import starting_model
+from mcit.models.tuning import apply_tuning, load_trainable_state, trainable_state
+from mcit.progress import console
+from mcit.train import train_stage
+from mcit.utils import atomic_write_json, atomic_write_text, default_cache_dir, environment_info, seed_everything, stable_hash
+
+STATE = "state.json"
+
+
+def config_hash(cfg: RunConfig) -> str:
+    data = cfg.model_dump(mode="json")
+    data.pop("name", None)
+    data.pop("threads", None)  # how fast, not what
+    return stable_hash(data)
+
+
+def prepare_benchmark(cfg: RunConfig, cache_dir: Path, show_progress: bool = True) -> Benchmark:
+    b = cfg.benchmark
+    if b.root is not None:
+        return load_benchmark(b.root)
+    if b.name != "synth":
+        raise ConfigError(f"benchmark.root is required for benchmark {b.name!r} (only 'synth' is generated)")
+    from mcit.data.synth import generate_synth
+
+    root = cache_dir / "data" / f"synth-{stable_hash(b.synth.model_dump(mode='json'))}"
+    if not (root / "benchmark.json").is_file():
+        if show_progress:
+            console.print(f"Generating the synth benchmark into {root}")
+        generate_synth(root, **b.synth.model_dump())
+    return load_benchmark(root)
+
+
+def stream_tasks(cfg: RunConfig, bench: Benchmark) -> list[str]:
+    if cfg.benchmark.tasks:
+        tasks = list(cfg.benchmark.tasks)
+    elif bench.name == "synth":
+        from mcit.data.synth import DEFAULT_STREAM
+
+        tasks = [t for t in DEFAULT_STREAM if t in bench.tasks]
+    else:
+        tasks = list(bench.tasks)
+    for t in tasks:
+        bench.task(t)  # raises naming the available tasks
+    if len(set(tasks)) != len(tasks):
+        raise ConfigError(f"benchmark.tasks: a task appears twice in {tasks}")
+    return tasks
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Run:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True):
+        self.cfg, self.out, self.resume, self.show = cfg, Path(out_dir), resume, show_progress
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        self.hash = config_hash(cfg)
+
+    # --- run-directory state ----------------------------------------------------------------
+    def _check_out_dir(self) -> dict | None:
+        state_path = self.out / STATE
+        if state_path.is_file():
+            state = json.loads(state_path.read_text())
+            if not self.resume:
+                raise McitError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            if state.get("config_hash") != self.hash:
+                raise McitError(
+                    f"{self.out} was started with another config (hash {state.get('config_hash')} != {self.hash}); "
+                    "resume needs the same config and overrides"
+                )
+            return state
+        if self.out.exists() and any(self.out.iterdir()) and not self.resume:
+            raise McitError(f"{self.out} exists and is not empty; choose another --out")
+        return None
+
+    def _save_stage(self, stage: int, label: str, state: dict, evals, method) -> None:
+        from safetensors.torch import save_file
+
+        if stage > 0 and method.schedule != "none":
+            ckpt = self.out / "checkpoints" / f"stage_{stage:02d}_{label}"
+            tmp = ckpt.with_name(ckpt.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
+            tensors, meta = method.state_dict()
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "method.safetensors"))
+            atomic_write_json(tmp / "method.json", meta)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            tmp.rename(ckpt)
+            state["checkpoint"] = str(ckpt.relative_to(self.out))
+        pred_dir = self.out / "predictions" / f"row_{stage:02d}"
+        for ev in evals:
+            atomic_write_text(pred_dir / f"{ev.task}.jsonl", "".join(json.dumps(r) + "\n" for r in ev.predictions))
+        atomic_write_json(self.out / STATE, state)
+
+    def _restore(self, state: dict, method) -> None:
+        from safetensors.torch import load_file
+
+        ckpt = state.get("checkpoint")
+        if not ckpt:
+            return
+        ckpt = self.out / ckpt
+        load_trainable_state(self.model, load_file(str(ckpt / "trainable.safetensors")))
+        method.load_state_dict(load_file(str(ckpt / "method.safetensors")), json.loads((ckpt / "method.json").read_text()))
+
+    # --- the run --------------------------------------------------------------------------
+    def evaluate_all(self, method, ctx, row_label: str):
+        evals = []
+        t0 = time.perf_counter()
+        for name in self.tasks:
+            evals.append(
+                evaluate_task(self.model, self.encoder, self.bench.task(name), self.test[name], self.cfg.eval,
+                              self.accelerator.device, method, ctx)
+            )
+        seconds = time.perf_counter() - t0
+        if self.show:
+            cells = "  ".join(f"{e.task} {e.headline:.1f}" for e in evals)
+            console.print(f"[bold]{row_label}[/]: {cells}  ({seconds:.1f}s)")
+        return evals, seconds
+
+    def execute(self) -> dict:
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        state = self._check_out_dir()
+        method_cls = get_method(cfg.method["name"])
+        method = method_cls(method_cls.Options.model_validate({k: v for k, v in cfg.method.items() if k != "name"}))
+        self.bench = prepare_benchmark(cfg, self.cache_dir, self.show)
+        self.tasks = stream_tasks(cfg, self.bench)
+        # Load every file up front: a malformed line or a missing image fails before any training.
+        spec = {t: self.bench.task(t) for t in self.tasks}
+        self.train = {t: spec[t].load("train", self.bench.image_root)[: cfg.benchmark.max_train] for t in self.tasks}
+        self.test = {t: spec[t].load("test", self.bench.image_root)[: cfg.benchmark.max_test] for t in self.tasks}
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.yaml", dump_config(cfg))
+        use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=use_cpu)
+        model, processor = starting_model(cfg, self.bench, self.cache_dir, self.accelerator, self.show)
+        self.encoder = Encoder(processor, cfg.model.prompt_template, cfg.model.tiny.max_length)
+        self.model = apply_tuning(model, cfg.model.tuning, cfg.model.lora).to(self.accelerator.device)
+        ctx = TaskContext(self.model, self.accelerator, cfg, self.tasks, self.train, seed=cfg.seed)
+        ctx.extras["encoder"] = self.encoder
+        method.setup(self.model, ctx)
+        self.model = self.accelerator.prepare(self.model)
+        ctx.model = self.model
+
+        stages = self._stages(method)
+        if state is None:
+            state = {"config_hash": self.hash, "tasks": self.tasks, "rows": [], "row_labels": [], "details": [],
+                     "train_s": 0.0, "eval_s": 0.0, "step_ms": [], "steps": 0}
+        else:
+            self._restore(state, method)
+            if self.show:
+                console.print(f"Resuming {self.out}: {len(state['rows'])} of {len(stages) + 1} rows done")
+        if not state["rows"]:
+            evals, secs = self.evaluate_all(method, ctx, "row 0 (zero-shot)")
+            self._record_row(state, "zero-shot", evals, secs)
+            self._save_stage(0, "zero-shot", state, evals, method)
+
+        for stage, (label, task_names) in enumerate(stages, start=1):
+            if stage < len(state["rows"]):
+                continue
+            seed = cfg.seed * 1000 + stage
+            seed_everything(seed)
+            ctx.stage, ctx.task, ctx.step, ctx.seed = stage, label, 0, seed
+            samples = [s for t in task_names for s in method.train_data(t, self.train[t], ctx)]
+            steps = cfg.train.steps
+            if method.schedule == "joint":
+                steps = int(round(method.options.steps_factor * cfg.train.steps * len(self.tasks)))
+            stats = train_stage(self.model, self.encoder, samples, cfg.train, self.accelerator, seed, method, ctx,
+                                steps=steps, desc=f"task {stage}/{len(stages)} {label}", show_progress=self.show)
+            method.after_task(label, ctx)
+            evals, secs = self.evaluate_all(method, ctx, f"row {stage} (after {label})")
+            state["train_s"] += stats.seconds
+            state["step_ms"].extend(stats.step_ms)
+            state["steps"] += stats.steps
+            self._record_row(state, label, evals, secs)
+            self._save_stage(stage, label, state, evals, method)
+
+        results = self._results(state, method)
+        from mcit.report import write_run_report
+
+        write_run_report(self.out, results)
+        return results
+
+    def _stages(self, method) -> list[tuple[str, list[str]]]:
+        if method.schedule == "none":
+            return []
+        if method.schedule == "joint":
+            return [("joint", list(self.tasks))]
+        return [(t, [t]) for t in self.tasks]
+
+    def _record_row(self, state: dict, label: str, evals, seconds: float) -> None:
+        state["rows"].append([e.headline for e in evals])
+        state["row_labels"].append(label)
+        state["details"].append({e.task: e.details for e in evals})
+        state["eval_s"] += seconds
+        state.setdefault("scorer_info", {}).update({e.task: e.info for e in evals if e.info})
+
+    def _results(self, state: dict, method) -> dict:
+        from mcit.report import metrics_for
+
+        sizes = {t: len(self.test[t]) for t in self.tasks}
+        tensors, _ = method.state_dict()
+        total_params = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {
+            "schema": 1,
+            "benchmark": self.bench.name,
+            "method": method.name,
+            "seed": self.cfg.seed,
+            "config_hash": self.hash,
+            "tasks": self.tasks,
+            "scorers": {t: self.bench.task(t).scorer for t in self.tasks},
+            "test_sizes": sizes,
+            "matrix": state["rows"],
+            "metrics": metrics_for(state["rows"], [sizes[t] for t in self.tasks], method.schedule),
+            "timing": {
+                "train_s": round(state["train_s"], 3),
+                "eval_s": round(state["eval_s"], 3),
+                "step_ms_median": round(statistics.median(state["step_ms"]), 3) if state["step_ms"] else None,
+                "steps": state["steps"],
+            },
+            "memory": {
+                "peak_rss_mb": round(_peak_rss_mb(), 1),
+                "method_state_mb": round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20, 3),
+            },
+            "environment": {**environment_info(str(self.accelerator.device)), "seed": self.cfg.seed},
+            "row_labels": state["row_labels"],
+            "details": state["details"],
+            "scorer_info": state.get("scorer_info", {}),
+            "parameters": {"total": total_params, "trainable": trainable},
+        }
+
+
+def run(cfg: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+    return Run(cfg, out_dir, resume, show_progress).execute()

@@ -1,0 +1,87 @@
+"""User-facing errors: one line, non-zero exit, no traceback; the listing commands."""
+
+import json
+import sys
+
+import pytest
+
+from mcit.cli import main
+from tests.conftest import SMOKE
+
+
+def _mcit(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["mcit", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def _assert_one_line_error(code, err, *fragments):
+    assert code not in (0, None)
+    assert "Traceback" not in err
+    text = " ".join(err.split())
+    assert text.startswith("error:")
+    for f in fragments:
+        assert f in text, (f, text)
+
+
+def test_bad_config_key(monkeypatch, capsys):
+    code, _, err = _mcit(monkeypatch, capsys, "run", str(SMOKE), "--set", "train.learning_rate=1")
+    _assert_one_line_error(code, err, "train.learning_rate: unknown key", "allowed:", "lr")
+
+
+def test_bad_config_value(monkeypatch, capsys):
+    code, _, err = _mcit(monkeypatch, capsys, "run", str(SMOKE), "--set", "model.tuning=qlora")
+    _assert_one_line_error(code, err, "model.tuning", "'full', 'lora' or 'projector'")
+
+
+def test_unknown_method(monkeypatch, capsys):
+    code, _, err = _mcit(monkeypatch, capsys, "run", str(SMOKE), "--set", "method.name=nope")
+    _assert_one_line_error(code, err, "unknown method 'nope'", "seqft")
+
+
+def _benchmark_with(tmp_path, line: str):
+    from mcit.data.synth import generate_synth
+
+    root = generate_synth(tmp_path / "b", train_size=4, test_size=2, base_size=4, tasks=["color"])
+    path = root / "color" / "train.jsonl"
+    path.write_text(path.read_text() + line + "\n")
+    return root, path
+
+
+def test_malformed_dataset_line(monkeypatch, capsys, tmp_path, cache_dir):
+    root, path = _benchmark_with(tmp_path, '{"id": "broken", ')
+    code, _, err = _mcit(monkeypatch, capsys, "run", str(SMOKE), "--out", str(tmp_path / "r"),
+                         "--set", f"benchmark.root={root}", "--set", "benchmark.tasks=[color]",
+                         "--set", f"cache_dir={cache_dir}")
+    _assert_one_line_error(code, err, f"{path}:5", "malformed JSON")
+    assert not (tmp_path / "r").exists()  # nothing started
+
+
+def test_missing_image(monkeypatch, capsys, tmp_path, cache_dir):
+    record = {"id": "x", "image": "train_images/gone.png",
+              "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "red"}]}
+    root, path = _benchmark_with(tmp_path, json.dumps(record))
+    code, _, err = _mcit(monkeypatch, capsys, "run", str(SMOKE), "--out", str(tmp_path / "r"),
+                         "--set", f"benchmark.root={root}", "--set", "benchmark.tasks=[color]",
+                         "--set", f"cache_dir={cache_dir}")
+    _assert_one_line_error(code, err, "image not found", "gone.png")
+
+
+def test_methods_lists_registered_methods(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["mcit", "methods"])
+    main()
+    out = capsys.readouterr().out
+    for name in ("seqft", "joint", "zeroshot", "steps_factor"):
+        assert name in out
+
+
+def test_compare_table_and_figure(monkeypatch, capsys, smoke_run, tmp_path):
+    out, results = smoke_run
+    fig = tmp_path / "cmp.png"
+    monkeypatch.setattr(sys, "argv", ["mcit", "compare", str(out), "--figure", str(fig)])
+    main()
+    text = capsys.readouterr().out
+    assert "seqft" in text and f"{results['metrics']['MFN']:.2f}" in text
+    assert fig.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,100 @@
+"""End-to-end runs of the smoke config: outputs, determinism, resume, baselines."""
+
+import json
+import math
+
+import pytest
+
+from mcit.methods.seqft import SeqFT
+from mcit.runner import run
+
+METRICS = {"MFT", "MFN", "MAA", "BWT", "FWT", "forgetting", "FAA_weighted"}
+
+
+def test_run_directory_holds_everything(smoke_run):
+    out, results = smoke_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    for key in ("schema", "benchmark", "method", "seed", "config_hash", "tasks", "scorers", "test_sizes",
+                "matrix", "metrics", "timing", "memory", "environment"):
+        assert key in saved, key
+    tasks = saved["tasks"]
+    assert tasks == ["color", "count", "ocr"]
+    assert len(saved["matrix"]) == len(tasks) + 1 and all(len(r) == len(tasks) for r in saved["matrix"])
+    assert set(saved["metrics"]) == METRICS
+    assert all(v is None or math.isfinite(v) for v in saved["metrics"].values())
+    assert saved["scorers"] == {"color": "vqa", "count": "numeric", "ocr": "vqa_evalai"}
+    assert saved["test_sizes"] == {t: 16 for t in tasks}
+    assert set(saved["timing"]) == {"train_s", "eval_s", "step_ms_median", "steps"} and saved["timing"]["steps"] == 30
+    assert set(saved["environment"]) >= {"mcit", "torch", "transformers", "peft", "python", "device", "git"}
+    assert (out / "config.yaml").is_file() and (out / "report.md").is_file()
+    assert (out / "matrix.png").read_bytes()[:4] == b"\x89PNG"
+    for row in range(len(tasks) + 1):
+        for t in tasks:
+            lines = (out / "predictions" / f"row_{row:02d}" / f"{t}.jsonl").read_text().splitlines()
+            assert len(lines) == 16 and {"id", "prediction", "references", "score"} <= set(json.loads(lines[0]))
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["stage_01_color", "stage_02_count", "stage_03_ocr"]
+    assert {p.name for p in (out / "checkpoints" / ckpts[0]).iterdir()} == {
+        "trainable.safetensors", "method.safetensors", "method.json"}
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))
+
+
+def test_same_config_and_seed_give_the_same_matrix(smoke_run, smoke_cfg, tmp_path):
+    _, first = smoke_run
+    again = run(smoke_cfg(), tmp_path / "again", show_progress=False)
+    assert again["matrix"] == first["matrix"]
+
+
+def test_resume_after_a_kill_mid_task_gives_the_same_matrix(smoke_run, smoke_cfg, tmp_path, monkeypatch):
+    _, uninterrupted = smoke_run
+
+    def killed(self, ctx):
+        if ctx.stage == 2 and ctx.step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SeqFT, "before_step", killed)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run(smoke_cfg(), out, show_progress=False)
+    state = json.loads((out / "state.json").read_text())
+    assert len(state["rows"]) == 2 and not (out / "results.json").exists()
+    monkeypatch.undo()
+    resumed = run(smoke_cfg(), out, resume=True, show_progress=False)
+    assert resumed["matrix"] == uninterrupted["matrix"]
+
+
+def test_resume_refuses_another_config(smoke_run, smoke_cfg):
+    from mcit.errors import McitError
+
+    out, _ = smoke_run
+    with pytest.raises(McitError, match="another config"):
+        run(smoke_cfg("train.lr=0.5"), out, resume=True, show_progress=False)
+    with pytest.raises(McitError, match="--resume"):
+        run(smoke_cfg(), out, show_progress=False)
+
+
+def test_joint_and_zeroshot_rows(smoke_run, smoke_cfg, tmp_path):
+    _, seq = smoke_run
+    zs = run(smoke_cfg("method.name=zeroshot"), tmp_path / "zs", show_progress=False)
+    assert zs["matrix"] == [seq["matrix"][0]]  # the same starting model, evaluated once
+    assert zs["timing"]["steps"] == 0
+    joint = run(smoke_cfg("method.name=joint"), tmp_path / "joint", show_progress=False)
+    assert len(joint["matrix"]) == 2 and joint["row_labels"] == ["zero-shot", "joint"]
+    assert joint["timing"]["steps"] == 30  # same total budget as the sequential run
+    assert joint["metrics"]["MFN"] == pytest.approx(sum(joint["matrix"][1]) / 3)
+    assert joint["metrics"]["BWT"] is None and joint["metrics"]["MFT"] is None
+
+
+@pytest.mark.parametrize("tuning", ["lora", "projector"])
+def test_tuning_modes_train_only_their_parameters(smoke_cfg, tmp_path, tuning):
+    from safetensors.torch import load_file
+
+    res = run(smoke_cfg(f"model.tuning={tuning}", "benchmark.tasks=[color]"), tmp_path / tuning, show_progress=False)
+    names = list(load_file(str(tmp_path / tuning / "checkpoints" / "stage_01_color" / "trainable.safetensors")))
+    assert names
+    if tuning == "lora":
+        assert all("lora_" in n and "language_model" in n for n in names)
+    else:
+        assert all("multi_modal_projector" in n for n in names)
+    assert res["parameters"]["trainable"] < res["parameters"]["total"] / 2

@@ -1,0 +1,84 @@
+import hashlib
+import json
+
+import pytest
+
+from mcit.data import load_benchmark, load_task_file
+from mcit.data.synth import DEFAULT_STREAM, SCORERS, TASKS, generate_synth
+from mcit.errors import DataError
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return generate_synth(tmp_path_factory.mktemp("a"), seed=3, train_size=40, test_size=10, base_size=30)
+
+
+def test_deterministic_from_seed(small, tmp_path):
+    again = generate_synth(tmp_path / "b", seed=3, train_size=40, test_size=10, base_size=30)
+    other = generate_synth(tmp_path / "c", seed=4, train_size=40, test_size=10, base_size=30)
+    assert _digest(small) == _digest(again)
+    assert _digest(small) != _digest(other)
+
+
+def test_changing_one_split_size_keeps_the_others(small, tmp_path):
+    bigger = generate_synth(tmp_path / "d", seed=3, train_size=40, test_size=20, base_size=30)
+    assert (small / "color/train.jsonl").read_bytes() == (bigger / "color/train.jsonl").read_bytes()
+    first = (small / "color/test.jsonl").read_text().splitlines()
+    assert (bigger / "color/test.jsonl").read_text().splitlines()[:10] == first
+
+
+def test_llava_format_and_manifest(small):
+    manifest = json.loads((small / "benchmark.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == TASKS
+    assert {t["name"]: t["scorer"] for t in manifest["tasks"]} == {k: v[0] for k, v in SCORERS.items()}
+    rec = json.loads((small / "count/train.jsonl").read_text().splitlines()[0])
+    assert set(rec) == {"id", "image", "conversations", "answers"}
+    assert rec["conversations"][0]["from"] == "human" and rec["conversations"][0]["value"].startswith("<image>\n")
+    assert rec["conversations"][1]["from"] == "gpt"
+    assert (small / "count" / rec["image"]).is_file()
+
+
+def test_tasks_have_paraphrases_and_answer_formats(small):
+    bench = load_benchmark(small)
+    for name in DEFAULT_STREAM:
+        samples = bench.task(name).load("train")
+        assert len(samples) == 40
+        assert len({s.question for s in samples}) >= 3, name  # several instruction paraphrases
+    counts = [int(s.answer) for s in bench.task("count").load("test")]
+    assert all(1 <= c <= 6 for c in counts)
+    caption = bench.task("caption").load("test")[0]
+    assert len(caption.references) == 5 and caption.answer in caption.references
+    box = bench.task("ground").load("test")[0].answer
+    assert box.startswith("[") and len(json.loads(box)) == 4
+    vqa = bench.task("color").load("test")[0]
+    assert vqa.references == [vqa.answer] * 10
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    good = json.dumps({"id": 1, "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]})
+    (tmp_path / "x.png").write_bytes(b"")
+    path = tmp_path / "t.jsonl"
+    path.write_text(good + "\n" + '{"id": 2, "image": \n')
+    with pytest.raises(DataError, match=rf"{path}:2: malformed JSON"):
+        load_task_file(path)
+    path.write_text(good + "\n" + json.dumps({"id": 2, "conversations": [{"from": "human", "value": "q"}]}) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: field 'conversations'"):
+        load_task_file(path)
+
+
+def test_missing_image_names_its_path(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps([{"id": "a", "image": "img/nope.png", "conversations": [
+        {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]))
+    with pytest.raises(DataError, match=r"image not found: .*img/nope\.png"):
+        load_task_file(path)
