@@ -16,8 +16,8 @@ def _encoder(tmp_path):
     model, processor = build_tiny_llava(spec, tok)
     enc = Encoder(processor, "USER: {question} ASSISTANT:", max_length=32)
     samples = [
-        Sample("1", tmp_path / "i.png", "what color is the circle?", "red", ["red"]),
-        Sample("2", tmp_path / "i.png", "what color?", "a long answer here", ["x"]),
+        Sample("1", tmp_path / "i.png", "what color?", "red", ["red"]),
+        Sample("2", tmp_path / "i.png", "what color is the circle?", "a long answer here", ["x"]),
     ]
     return model, processor, enc, samples
 
@@ -27,10 +27,10 @@ def test_image_tokens_match_the_processor(tmp_path):
     from PIL import Image
 
     text = "USER: <image>\nwhat color is the circle? ASSISTANT:"
-    expanded = processor(images=[Image.open(samples[0].image)], text=[text])["input_ids"][0]
+    expanded = processor(images=[Image.open(samples[1].image)], text=[text])["input_ids"][0]
     image_id = model.config.image_token_index
     assert num_image_tokens(processor) == 36 == sum(1 for t in expanded if t == image_id)
-    assert enc.prompt_ids(samples[0])[1:] == list(expanded)
+    assert enc.prompt_ids(samples[1])[1:] == list(expanded)
 
 
 def test_labels_mask_prompt_image_and_padding(tmp_path):
@@ -47,6 +47,7 @@ def test_labels_mask_prompt_image_and_padding(tmp_path):
         assert (labels[batch["attention_mask"][row] == 0] == IGNORE_INDEX).all()
     # right padding for training: the shorter row ends in pad
     assert batch["attention_mask"][0, -1] == 0 and batch["attention_mask"][1, -1] == 1
+    assert batch["attention_mask"][0, 0] == 1
     loss = model(**batch).loss
     assert torch.isfinite(loss)
 
@@ -55,6 +56,6 @@ def test_generation_batches_are_left_padded(tmp_path):
     model, processor, enc, samples = _encoder(tmp_path)
     batch = enc.generation_batch(samples)
     assert batch["attention_mask"][:, -1].all()  # every prompt ends at the last column
-    assert batch["attention_mask"][1, 0] == 0  # the shorter prompt is padded on the left
+    assert batch["attention_mask"][0, 0] == 0  # the shorter prompt is padded on the left
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 2
