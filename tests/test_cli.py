@@ -85,3 +85,13 @@ def test_compare_table_and_figure(monkeypatch, capsys, smoke_run, tmp_path):
     text = capsys.readouterr().out
     assert "seqft" in text and f"{results['metrics']['MFN']:.2f}" in text
     assert fig.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_data_synth_writes_a_loadable_benchmark(monkeypatch, capsys, tmp_path):
+    from mcit.data import load_benchmark
+
+    monkeypatch.setattr(sys, "argv", ["mcit", "data", "synth", "--out", str(tmp_path / "s"),
+                                      "--train-size", "3", "--test-size", "2", "--base-size", "2"])
+    main()
+    bench = load_benchmark(tmp_path / "s")
+    assert len(bench.task("ocr").load("test")) == 2 and set(bench.base) == {"describe", "locate"}

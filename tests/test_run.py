@@ -98,3 +98,15 @@ def test_tuning_modes_train_only_their_parameters(smoke_cfg, tmp_path, tuning):
     else:
         assert all("multi_modal_projector" in n for n in names)
     assert res["parameters"]["trainable"] < res["parameters"]["total"] / 2
+
+
+def test_non_finite_loss_stops_with_a_clear_error(smoke_cfg, tmp_path, monkeypatch):
+    import torch
+
+    from mcit.train import TrainingError
+
+    monkeypatch.setattr(SeqFT, "extra_loss", lambda self, batch, outputs, ctx: torch.tensor(float("nan")))
+    with pytest.raises(TrainingError, match=r"task 1/3 color: non-finite loss \(nan\) at step 1"):
+        run(smoke_cfg(), tmp_path / "nan", show_progress=False)
+    # the zero-shot row was finished and kept
+    assert len(json.loads((tmp_path / "nan" / "state.json").read_text())["rows"]) == 1

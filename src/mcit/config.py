@@ -99,7 +99,7 @@ class BaseTrainingConfig(OptimConfig):
     """Instruction-pretraining of the starting model on the benchmark's base mix (tiny only)."""
 
     enabled: bool = True
-    mix: dict[str, float] = {"describe": 1.0}  # base parts or task names -> sampling weight
+    mix: dict[str, float] = {"describe": 0.6, "locate": 0.4}  # base parts or task names -> sampling weight
     steps: int = Field(3000, ge=0)
     lr: float = Field(2e-3, gt=0)
 

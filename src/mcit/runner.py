@@ -46,9 +46,9 @@ def prepare_benchmark(cfg: RunConfig, cache_dir: Path, show_progress: bool = Tru
         return load_benchmark(b.root)
     if b.name != "synth":
         raise ConfigError(f"benchmark.root is required for benchmark {b.name!r} (only 'synth' is generated)")
-    from mcit.data.synth import generate_synth
+    from mcit.data.synth import SYNTH_VERSION, generate_synth
 
-    root = cache_dir / "data" / f"synth-{stable_hash(b.synth.model_dump(mode='json'))}"
+    root = cache_dir / "data" / f"synth-v{SYNTH_VERSION}-{stable_hash(b.synth.model_dump(mode='json'))}"
     if not (root / "benchmark.json").is_file():
         if show_progress:
             console.print(f"Generating the synth benchmark into {root}")
@@ -241,6 +241,7 @@ class Run:
             "config_hash": self.hash,
             "tasks": self.tasks,
             "scorers": {t: self.bench.task(t).scorer for t in self.tasks},
+            "scorer_options": {t: self.bench.task(t).scorer_options for t in self.tasks},
             "test_sizes": sizes,
             "matrix": state["rows"],
             "metrics": metrics_for(state["rows"], [sizes[t] for t in self.tasks], method.schedule),

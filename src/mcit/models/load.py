@@ -8,6 +8,7 @@ of the run cannot tell them apart.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -38,7 +39,10 @@ def load_pretrained(path: Path, dtype: str = "float32"):
 
 def base_key(cfg, bench: Benchmark) -> str:
     """Everything that shapes the starting model, hashed."""
-    manifest = (bench.root / "benchmark.json").read_text()
+    manifest = json.loads((bench.root / "benchmark.json").read_text())
+    for task in manifest.get("tasks", []):  # how tasks are scored does not shape the model
+        for key in ("scorer", "scorer_options", "max_new_tokens"):
+            task.pop(key, None)
     return stable_hash(
         {
             "tiny": cfg.model.tiny.model_dump(mode="json"),
