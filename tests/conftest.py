@@ -34,3 +34,24 @@ def smoke_run(smoke_cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "smoke"
     results = run(smoke_cfg(), out, show_progress=False)
     return out, results
+
+
+def make_tiny(tmp_path):
+    """An untrained tiny LLaVA, its processor, an encoder and two samples with one image."""
+    from PIL import Image
+
+    from mcit.config import TinyModelConfig
+    from mcit.data.format import Sample
+    from mcit.models.encode import Encoder
+    from mcit.models.tiny import build_tiny_llava, build_word_tokenizer
+
+    Image.new("RGB", (48, 48), (10, 20, 30)).save(tmp_path / "i.png")
+    tok = build_word_tokenizer(["what color is the circle ?", "red blue", "a long answer here"])
+    spec = TinyModelConfig(text_hidden=32, text_heads=2, vision_hidden=16, vision_heads=2, text_layers=1, vision_layers=1)
+    model, processor = build_tiny_llava(spec, tok)
+    enc = Encoder(processor, "USER: {question} ASSISTANT:", max_length=32)
+    samples = [
+        Sample("1", tmp_path / "i.png", "what color?", "red", ["red"], task="a"),
+        Sample("2", tmp_path / "i.png", "what color is the circle?", "a long answer here", ["x"], task="a"),
+    ]
+    return model, processor, enc, samples

@@ -1,25 +1,7 @@
 import torch
 
-from mcit.data.format import Sample
 from mcit.models.encode import IGNORE_INDEX, Encoder, num_image_tokens
-from mcit.models.tiny import build_tiny_llava, build_word_tokenizer
-
-
-def _encoder(tmp_path):
-    from PIL import Image
-
-    from mcit.config import TinyModelConfig
-
-    Image.new("RGB", (48, 48), (10, 20, 30)).save(tmp_path / "i.png")
-    tok = build_word_tokenizer(["what color is the circle ?", "red blue", "a long answer here"])
-    spec = TinyModelConfig(text_hidden=32, text_heads=2, vision_hidden=16, vision_heads=2, text_layers=1, vision_layers=1)
-    model, processor = build_tiny_llava(spec, tok)
-    enc = Encoder(processor, "USER: {question} ASSISTANT:", max_length=32)
-    samples = [
-        Sample("1", tmp_path / "i.png", "what color?", "red", ["red"]),
-        Sample("2", tmp_path / "i.png", "what color is the circle?", "a long answer here", ["x"]),
-    ]
-    return model, processor, enc, samples
+from tests.conftest import make_tiny as _encoder
 
 
 def test_image_tokens_match_the_processor(tmp_path):

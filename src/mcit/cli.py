@@ -16,6 +16,8 @@ from mcit.errors import McitError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal continual instruction tuning.")
 data_app = typer.Typer(no_args_is_help=True, help="Write and check benchmark data.")
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks measured side by side in one process.")
+app.add_typer(bench_app, name="bench")
 out = Console()
 
 
@@ -86,6 +88,41 @@ def data_synth(
         generate_synth(out_dir, seed, train_size, test_size, base_size, image_size,
                        progress=lambda part: status.update(f"generating {part}"))
     out.print(f"wrote {out_dir / 'benchmark.json'}")
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated; the first is the baseline")] = "seqft,replay,ewc,mas,lwf",
+    config: Annotated[Path, typer.Option("--config", help="Run config giving model, data and train settings")] = Path("configs/synth/seqft.yaml"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key (repeatable)")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps per method")] = 100,
+    chunk: Annotated[int, typer.Option("--chunk", help="Steps per method before switching to the next")] = 5,
+    out_json: Annotated[Path, typer.Option("--out", help="JSON file to write")] = Path("bench_overhead.json"),
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
+):
+    """Median training-step time of each method against the first (seqft), interleaved."""
+    from mcit.bench import overhead
+    from mcit.config import load_config
+    from mcit.utils import atomic_write_json
+
+    if not config.is_file():
+        raise McitError(f"--config: {config} does not exist")
+    cfg = load_config(config, set_ or [])
+    _quiet_libraries()
+    names = [m.strip() for m in methods_.split(",") if m.strip()]
+    report = overhead(cfg, names, steps=steps, chunk=chunk, show_progress=not quiet)
+    table = Table(title=f"step time vs {report['baseline']} ({report['steps']} interleaved steps each, "
+                        f"batch {report['batch_size']}, {report['environment'].get('device')})")
+    for col in ("method", "median ms", "ratio", "IQR ms", "one-off s", "one-off / task", "state MB", "CUDA peak MB"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in report["rows"]:
+        table.add_row(r["method"], f"{r['step_ms_median']:.1f}", f"{r['ratio']:.3f}x",
+                      f"{r['step_ms_iqr'][0]:.1f}-{r['step_ms_iqr'][1]:.1f}", f"{r['one_off_s']:.2f}",
+                      f"{100 * r['one_off_fraction']:.1f}%", f"{r['method_state_mb']:.2f}",
+                      "n/a" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}")
+    out.print(table)
+    atomic_write_json(out_json, report)
+    out.print(f"wrote {out_json}")
 
 
 @app.command()

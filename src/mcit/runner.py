@@ -193,12 +193,20 @@ class Run:
             seed_everything(seed)
             ctx.stage, ctx.task, ctx.step, ctx.seed = stage, label, 0, seed
             samples = [s for t in task_names for s in method.train_data(t, self.train[t], ctx)]
+            weights = method.sample_weights(samples, ctx)
+            t0 = time.perf_counter()
+            method.before_task(label, samples, ctx)
+            one_off = time.perf_counter() - t0
             steps = cfg.train.steps
             if method.schedule == "joint":
                 steps = int(round(method.options.steps_factor * cfg.train.steps * len(self.tasks)))
             stats = train_stage(self.model, self.encoder, samples, cfg.train, self.accelerator, seed, method, ctx,
-                                steps=steps, desc=f"task {stage}/{len(stages)} {label}", show_progress=self.show)
+                                weights=weights, steps=steps, desc=f"task {stage}/{len(stages)} {label}",
+                                show_progress=self.show)
+            t0 = time.perf_counter()
             method.after_task(label, ctx)
+            one_off += time.perf_counter() - t0
+            state["method_s"] = state.get("method_s", 0.0) + one_off
             evals, secs = self.evaluate_all(method, ctx, f"row {stage} (after {label})")
             state["train_s"] += stats.seconds
             state["step_ms"].extend(stats.step_ms)
@@ -248,6 +256,7 @@ class Run:
             "timing": {
                 "train_s": round(state["train_s"], 3),
                 "eval_s": round(state["eval_s"], 3),
+                "method_s": round(state.get("method_s", 0.0), 3),  # one-off passes: importance, teacher
                 "step_ms_median": round(statistics.median(state["step_ms"]), 3) if state["step_ms"] else None,
                 "steps": state["steps"],
             },

@@ -62,6 +62,75 @@ class StageStats:
     losses: list[float] = field(default_factory=list)
 
 
+class StageTrainer:
+    """One stage's optimiser, schedule and batch stream; :meth:`step` runs one optimiser step.
+
+    :func:`train_stage` runs all the steps; ``mcit bench overhead`` interleaves the steps of
+    several methods' trainers to time them side by side.
+    """
+
+    def __init__(self, model, encoder, samples: list[Sample], optim, accelerator, seed: int, method=None, ctx=None,
+                 weights: torch.Tensor | None = None, steps: int | None = None, desc: str = "train"):
+        self.steps = optim.steps if steps is None else steps
+        self.model, self.encoder, self.samples, self.optim = model, encoder, samples, optim
+        self.accelerator, self.method, self.ctx, self.desc = accelerator, method, ctx, desc
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise McitError("no trainable parameters: check model.tuning")
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, optim.schedule, max(1, self.steps), optim.warmup_ratio)
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        if optim.batch_size % (self.world * optim.grad_accum):
+            raise McitError(
+                f"train batch_size {optim.batch_size} must be divisible by processes x grad_accum "
+                f"({self.world} x {optim.grad_accum})"
+            )
+        self.micro = optim.batch_size // optim.grad_accum
+        self.batches = index_stream(len(samples), optim.batch_size, torch.Generator().manual_seed(seed), weights)
+        self.done = 0
+
+    def run_steps(self, n: int) -> list[float]:
+        """``n`` steps in training mode; their losses."""
+        self.model.train()
+        return [self.step() for _ in range(n)]
+
+    def step(self) -> float:
+        """One optimiser step (with gradient accumulation); returns the mean loss."""
+        optim, method, ctx = self.optim, self.method, self.ctx
+        global_batch = next(self.batches)
+        total = 0.0
+        for a in range(optim.grad_accum):
+            chunk = global_batch[a * self.micro : (a + 1) * self.micro]
+            local = [self.samples[i] for i in chunk[self.rank :: self.world]]
+            batch = {k: v.to(self.accelerator.device) for k, v in self.encoder.train_batch(local).items()}
+            if ctx is not None:
+                ctx.batch_samples = local
+            outputs = self.model(**batch)
+            loss = outputs.loss
+            if method is not None:
+                extra = method.extra_loss(batch, outputs, ctx)
+                if extra is not None:
+                    loss = loss + extra
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"{self.desc}: non-finite loss ({loss.item()}) at step {self.done + 1}; "
+                    "lower the learning rate or check the data"
+                )
+            self.accelerator.backward(loss / optim.grad_accum)
+            total += loss.item() / optim.grad_accum
+        if method is not None:
+            method.before_step(ctx)
+        if optim.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.params, optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.done += 1
+        if ctx is not None:
+            ctx.step = self.done
+        return total
+
+
 def train_stage(
     model,
     encoder,
@@ -81,53 +150,13 @@ def train_stage(
     stats = StageStats()
     if steps == 0 or not samples:
         return stats
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise McitError("no trainable parameters: check model.tuning")
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
-    scheduler = make_scheduler(optimizer, optim.schedule, steps, optim.warmup_ratio)
-    generator = torch.Generator().manual_seed(seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if optim.batch_size % (world * optim.grad_accum):
-        raise McitError(
-            f"train batch_size {optim.batch_size} must be divisible by processes x grad_accum "
-            f"({world} x {optim.grad_accum})"
-        )
-    micro = optim.batch_size // optim.grad_accum
-    batches = index_stream(len(samples), optim.batch_size, generator, weights)
+    trainer = StageTrainer(model, encoder, samples, optim, accelerator, seed, method, ctx, weights, steps, desc)
     model.train()
     start = time.perf_counter()
     with progress_bar(desc, total=steps, enabled=show_progress and accelerator.is_main_process) as bar:
-        for step in range(steps):
+        for _ in range(steps):
             t0 = time.perf_counter()
-            global_batch = next(batches)
-            total = 0.0
-            for a in range(optim.grad_accum):
-                chunk = global_batch[a * micro : (a + 1) * micro]
-                local = chunk[rank::world]
-                batch = {k: v.to(accelerator.device) for k, v in encoder.train_batch([samples[i] for i in local]).items()}
-                outputs = model(**batch)
-                loss = outputs.loss
-                if method is not None:
-                    extra = method.extra_loss(batch, outputs, ctx)
-                    if extra is not None:
-                        loss = loss + extra
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"{desc}: non-finite loss ({loss.item()}) at step {step + 1}; "
-                        "lower the learning rate or check the data"
-                    )
-                accelerator.backward(loss / optim.grad_accum)
-                total += loss.item() / optim.grad_accum
-            if method is not None:
-                method.before_step(ctx)
-            if optim.max_grad_norm:
-                accelerator.clip_grad_norm_(params, optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ctx is not None:
-                ctx.step = step + 1
+            total = trainer.step()
             stats.losses.append(total)
             stats.step_ms.append((time.perf_counter() - t0) * 1000)
             bar.advance(loss=total)

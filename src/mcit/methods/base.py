@@ -42,10 +42,17 @@ class TaskContext:
     task: str | None = None
     step: int = 0  # optimiser steps done in the current stage
     seed: int = 0
+    batch_samples: list[Sample] = field(default_factory=list)  # the samples of the batch being trained on
     extras: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def unwrapped(self):
+        """The model without a DDP/FSDP wrapper: for side passes that must not sync gradients."""
+        return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
+
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        """Trainable parameters by name (names of the unwrapped model, stable across wrappers)."""
+        return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
 
 
 class Method:
@@ -66,6 +73,13 @@ class Method:
         """The samples to train this stage on (e.g. the task's data plus replay)."""
         return samples
 
+    def sample_weights(self, samples: list[Sample], ctx: TaskContext) -> torch.Tensor | None:
+        """Sampling weights over ``samples`` (drawn with replacement), or None for shuffled epochs."""
+        return None
+
+    def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
+        """Before a stage trains on ``samples`` (e.g. a teacher pass over them)."""
+
     def extra_loss(self, batch: dict, outputs, ctx: TaskContext) -> torch.Tensor | None:
         """A loss term added to the task loss (regularisers, distillation)."""
         return None
@@ -84,3 +98,7 @@ class Method:
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         pass
+
+    def extra_memory_bytes(self) -> int:
+        """Memory held outside ``state_dict`` (e.g. precomputed teacher outputs), for benchmarks."""
+        return 0

@@ -1,0 +1,271 @@
+"""The classic baselines: replay, EWC / online EWC, MAS, LwF, and the overhead benchmark."""
+
+import json
+
+import pytest
+import torch
+
+from mcit.methods import TaskContext, get_method
+from mcit.runner import run
+from tests.conftest import make_tiny
+
+
+class _NoAccelerator:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+
+def _method(name, **options):
+    cls = get_method(name)
+    return cls(cls.Options.model_validate(options))
+
+
+def _tiny_ctx(tmp_path, train=None):
+    from mcit.models.tuning import apply_tuning
+
+    torch.manual_seed(0)
+    model, processor, enc, samples = make_tiny(tmp_path)
+    model = apply_tuning(model, "full")
+    ctx = TaskContext(model, _NoAccelerator(), None, ["a"], train or {"a": samples}, seed=7)
+    ctx.extras["encoder"] = enc
+    return model, processor, enc, samples, ctx
+
+
+# --- importance -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["ewc", "mas"])
+def test_importance_is_zero_without_effect_and_positive_with(tmp_path, name):
+    model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
+    model.register_parameter("unused_extra", torch.nn.Parameter(torch.ones(3)))  # never in the graph
+    importance = _method(name).estimate(samples, ctx)
+    assert set(importance) == set(ctx.trainable_parameters())
+    assert torch.count_nonzero(importance["unused_extra"]) == 0
+    proj = [n for n in importance if "multi_modal_projector" in n and n.endswith("weight")]
+    assert proj and all(importance[n].sum() > 0 for n in proj)
+    # Embedding rows: zero for tokens absent from the inputs; positive for the prompt's words. (Padding
+    # sits after the last token, the final end-of-sequence predicts nothing, image tokens are replaced.)
+    emb = next(n for n in importance if n.endswith("embed_tokens.weight"))
+    ids = enc.train_batch(samples)["input_ids"]
+    row_has = set((importance[emb].abs().sum(-1) > 0).nonzero().flatten().tolist())
+    assert row_has <= set(ids.flatten().tolist())
+    tok = processor.tokenizer
+    assert {tok.convert_tokens_to_ids(w) for w in ("what", "color", "circle")} <= row_has
+
+
+def test_ewc_importance_is_the_mean_squared_per_sample_gradient(tmp_path):
+    model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
+    importance = _method("ewc").estimate(samples, ctx)
+    name = next(n for n in importance if "multi_modal_projector" in n)
+    param = dict(model.named_parameters())[name]
+    expected = torch.zeros_like(param)
+    for s in samples:
+        model.zero_grad()
+        model(**enc.train_batch([s])).loss.backward()
+        expected += param.grad.pow(2) / len(samples)
+    torch.testing.assert_close(importance[name], expected)
+
+
+# --- the penalty ------------------------------------------------------------------------------
+def test_penalty_gradient_pulls_toward_the_anchor():
+    method = _method("ewc", lam=2.0)
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    omega = torch.tensor([1.0, 0.5, 0.0])
+    method.consolidate({"w": omega}, {"w": torch.tensor([0.0, 0.0, 0.0])})
+    loss = method.penalty({"w": p})
+    loss.backward()
+    torch.testing.assert_close(p.grad, 2.0 * omega * p.detach())  # lam * omega * (theta - anchor)
+    torch.testing.assert_close(loss, torch.tensor(0.5 * 2.0 * (1.0 + 0.5 * 4.0)))
+    with torch.no_grad():
+        moved = p - 0.1 * p.grad
+    assert (moved[:2] - 0).abs().lt(p.detach()[:2].abs()).all()  # a descent step moves toward theta_old
+    assert moved[2] == p.detach()[2]  # zero importance: free
+
+
+def test_separate_mode_equals_one_penalty_per_task_and_online_decays():
+    thetas = [torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 1.0, 4.0])]
+    omegas = [torch.tensor([1.0, 0.0, 2.0]), torch.tensor([3.0, 0.0, 0.5])]
+    sep = _method("ewc", lam=1.0)
+    for th, om in zip(thetas, omegas):
+        sep.consolidate({"w": om}, {"w": th})
+    p = torch.nn.Parameter(torch.tensor([0.3, -0.7, 1.5]))
+    sep.penalty({"w": p}).backward()
+    explicit = sum(om * (p.detach() - th) for th, om in zip(thetas, omegas))
+    torch.testing.assert_close(p.grad, explicit)
+
+    onl = _method("ewc", lam=1.0, mode="online", gamma=0.5)
+    for th, om in zip(thetas, omegas):
+        onl.consolidate({"w": om}, {"w": th})
+    torch.testing.assert_close(onl.omega["w"], 0.5 * omegas[0] + omegas[1])
+    torch.testing.assert_close(onl.anchor["w"], thetas[1])
+
+
+def test_normalized_importance():
+    m = _method("mas", normalize="max")
+    out = m.normalized({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0])})
+    assert out["a"].tolist() == [0.25, 1.0] and out["b"].tolist() == [0.5]
+
+
+def test_ewc_holds_important_weights_at_the_old_optimum(smoke_cfg, tmp_path):
+    """The importance-weighted drift over task 2 is far smaller with the penalty than without."""
+    from safetensors.torch import load_file
+
+    def weights(out):
+        return [load_file(str(c / "trainable.safetensors")) for c in sorted((out / "checkpoints").iterdir())]
+
+    tasks = "benchmark.tasks=[color,count]"
+    run(smoke_cfg("method.name=ewc", "method.lam=100", "method.normalize=mean", tasks), tmp_path / "ewc",
+        show_progress=False)
+    run(smoke_cfg(tasks), tmp_path / "seq", show_progress=False)
+    stage1 = load_file(str(tmp_path / "ewc" / "checkpoints" / "stage_01_color" / "method.safetensors"))
+    omega = {k.removeprefix("omega."): v for k, v in stage1.items() if k.startswith("omega.")}
+
+    def weighted_drift(out):
+        a, b = weights(out)
+        return sum((omega[n] * (a[n] - b[n]) ** 2).sum() for n in a).item()
+
+    assert weighted_drift(tmp_path / "ewc") < 0.1 * weighted_drift(tmp_path / "seq")
+    meta = json.loads((tmp_path / "ewc" / "checkpoints" / "stage_02_count" / "method.json").read_text())
+    assert meta["tasks_done"] == ["color", "count"]
+
+
+# --- replay -----------------------------------------------------------------------------------
+def _samples(task, n):
+    from mcit.data.format import Sample
+
+    return [Sample(f"{task}-{i}", None, "q", "a", task=task) for i in range(n)]
+
+
+def test_replay_buffer_quotas_and_seeded_selection():
+    from mcit.methods.replay import ReplayBuffer
+
+    data = {t: _samples(t, 50) for t in "abc"}
+    per = ReplayBuffer(per_task=7)
+    for t in "abc":
+        per.add(t, data[t], seed=1)
+    assert {t: len(v) for t, v in per.ids.items()} == {"a": 7, "b": 7, "c": 7}
+    assert all(i.startswith(t) for t, ids in per.ids.items() for i in ids)
+
+    total = ReplayBuffer(size=12)
+    total.add("a", data["a"], seed=1)
+    first_a = list(total.ids["a"])
+    assert len(first_a) == 12
+    total.add("b", data["b"], seed=1)
+    total.add("c", data["c"], seed=1)
+    assert len(total) == 12 and total.ids["a"] == first_a[:4]  # shrunk to a prefix of the same choice
+
+    again = ReplayBuffer(per_task=7)
+    again.add("a", data["a"], seed=1)
+    other = ReplayBuffer(per_task=7)
+    other.add("a", data["a"], seed=2)
+    assert again.ids["a"] == per.ids["a"] and other.ids["a"] != per.ids["a"]
+    assert [s.id for s in per.samples(data, exclude="c")] == per.ids["a"] + per.ids["b"]
+
+
+def test_replay_mixes_at_the_configured_ratio():
+    m = _method("replay", per_task=10, ratio=0.25)
+    data = {"a": _samples("a", 40), "b": _samples("b", 90)}
+    ctx = TaskContext(None, None, None, ["a", "b"], data, seed=3)
+    assert m.train_data("a", data["a"], ctx) == data["a"]  # nothing to replay yet
+    assert m.sample_weights(data["a"], ctx) is None
+    m.after_task("a", ctx)
+    mixed = m.train_data("b", data["b"], ctx)
+    assert len(mixed) == 100 and {s.task for s in mixed[90:]} == {"a"}
+    w = m.sample_weights(mixed, ctx)
+    assert w[90:].sum().item() == pytest.approx(0.25) and w.sum().item() == pytest.approx(1.0)
+    assert _method("replay", mix="extra").sample_weights(mixed, ctx) is None
+
+
+def test_replay_buffer_survives_resume(smoke_cfg, tmp_path, monkeypatch):
+    from mcit.methods.replay import Replay
+
+    cfg = smoke_cfg("method.name=replay", "method.per_task=5")
+    whole = run(cfg, tmp_path / "whole", show_progress=False)
+    meta = json.loads((tmp_path / "whole" / "checkpoints" / "stage_02_count" / "method.json").read_text())
+    assert {t: len(v) for t, v in meta["ids"].items()} == {"color": 5, "count": 5}
+
+    def killed(self, ctx):
+        if ctx.stage == 3 and ctx.step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Replay, "before_step", killed, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "killed", show_progress=False)
+    monkeypatch.undo()
+    resumed = run(cfg, tmp_path / "killed", resume=True, show_progress=False)
+    assert resumed["matrix"] == whole["matrix"]
+    final = json.loads((tmp_path / "killed" / "checkpoints" / "stage_03_ocr" / "method.json").read_text())
+    assert final["ids"]["color"] == meta["ids"]["color"]
+
+
+# --- lwf --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_lwf_loss_is_zero_while_student_equals_teacher(tmp_path, top_k):
+    model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
+    m = _method("lwf", top_k=top_k)
+    ctx.stage = 2
+    m.before_task("a", samples, ctx)
+    assert set(m.teacher) == {"1", "2"}
+    batch = enc.train_batch(samples)
+    ctx.batch_samples = samples
+    assert m.extra_loss(batch, model(**batch), ctx).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        head = next(p for n, p in model.named_parameters() if "lm_head" in n)
+        head.add_(0.5 * torch.randn(head.shape))
+    assert m.extra_loss(batch, model(**batch), ctx).item() > 1e-4
+
+
+def test_lwf_skips_the_first_task_unless_asked(tmp_path):
+    model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
+    ctx.stage = 1
+    m = _method("lwf")
+    m.before_task("a", samples, ctx)
+    assert m.teacher == {} and m.extra_loss({}, None, ctx) is None
+    m = _method("lwf", first_task=True)
+    m.before_task("a", samples, ctx)
+    assert len(m.teacher) == 2
+
+
+def test_distillation_is_a_scaled_kl():
+    from mcit.methods.lwf import distillation
+
+    s, t = torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([[2.0, 1.0, 0.0]])
+    p, q = torch.softmax(t / 2, -1), torch.softmax(s / 2, -1)
+    expected = (p * (p.log() - q.log())).sum() * 4
+    torch.testing.assert_close(distillation(s, t, 2.0), expected)
+    assert distillation(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+# --- end to end and the benchmark -------------------------------------------------------------
+@pytest.mark.parametrize("name", ["replay", "mas", "lwf"])
+def test_methods_run_the_smoke_stream(smoke_cfg, tmp_path, name):
+    res = run(smoke_cfg(f"method.name={name}"), tmp_path / name, show_progress=False)
+    assert res["method"] == name and len(res["matrix"]) == 4
+    assert (res["timing"]["method_s"] > 0) == (name != "replay")
+
+
+def test_bench_overhead_times_every_method_against_seqft(smoke_cfg, smoke_run, monkeypatch, capsys, tmp_path):
+    import sys
+
+    from mcit.cli import main
+    from tests.conftest import SMOKE
+
+    out = tmp_path / "bench.json"
+    argv = ["mcit", "bench", "overhead", "--config", str(SMOKE), "--set", f"cache_dir={smoke_cfg().cache_dir}",
+            "--steps", "4", "--chunk", "2", "--out", str(out), "--quiet"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--methods", "seqft,ewc,lwf"])
+    main()
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["seqft", "ewc", "lwf"] and report["steps"] == 4
+    assert rows["seqft"]["ratio"] == 1.0 and rows["seqft"]["one_off_s"] == 0.0
+    assert rows["ewc"]["one_off_s"] > 0 and rows["ewc"]["method_state_mb"] > 0
+    assert rows["lwf"]["method_state_mb"] > 0  # the precomputed teacher logits
+    assert all(r["step_ms_median"] > 0 for r in rows.values())
+    assert "ratio" in capsys.readouterr().out
+
+    monkeypatch.setattr(sys, "argv", [*argv, "--methods", "seqft,joint"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and "do not train task by task" in capsys.readouterr().err
