@@ -130,6 +130,17 @@ def test_ewc_holds_important_weights_at_the_old_optimum(smoke_cfg, tmp_path):
     assert meta["tasks_done"] == ["color", "count"]
 
 
+def test_penalty_covers_lora_factors(smoke_cfg, tmp_path):
+    from safetensors.torch import load_file
+
+    run(smoke_cfg("method.name=ewc", "model.tuning=lora", "benchmark.tasks=[color,count]"), tmp_path / "lora",
+        show_progress=False)
+    state = load_file(str(tmp_path / "lora" / "checkpoints" / "stage_01_color" / "method.safetensors"))
+    omegas = {k: v for k, v in state.items() if k.startswith("omega.")}
+    assert omegas and all("lora_" in k for k in omegas)
+    assert sum(v.sum() for v in omegas.values()) > 0
+
+
 # --- replay -----------------------------------------------------------------------------------
 def _samples(task, n):
     from mcit.data.format import Sample

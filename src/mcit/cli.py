@@ -113,7 +113,7 @@ def bench_overhead(
     report = overhead(cfg, names, steps=steps, chunk=chunk, show_progress=not quiet)
     table = Table(title=f"step time vs {report['baseline']} ({report['steps']} interleaved steps each, "
                         f"batch {report['batch_size']}, {report['environment'].get('device')})")
-    for col in ("method", "median ms", "ratio", "IQR ms", "one-off s", "one-off / task", "state MB", "CUDA peak MB"):
+    for col in ("method", "ms/step", "ratio", "IQR ms", "one-off s", "% of task", "state MB", "CUDA MB"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in report["rows"]:
         table.add_row(r["method"], f"{r['step_ms_median']:.1f}", f"{r['ratio']:.3f}x",
