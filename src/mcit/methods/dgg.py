@@ -1,0 +1,144 @@
+"""Dynamic Gradient Guidance (Li et al., arXiv 2511.15164, CVPR 2026).
+
+The joint-training gradient is the sum of per-task gradients; sequential training misses the
+old tasks' terms. DGG stands in for them with the direction back to the previous optimum
+θ* (the trainable parameters at the end of the previous task). At each optimiser step of task
+t > 1, after backward on a batch that mixes the task's data with replay:
+
+    d = θ - θ*
+    ĝ = d · ‖g‖ / ‖d‖  if ‖d‖ > ‖g‖  else d        (``scaling``; per tensor or ``global``)
+    b ~ Bernoulli(α_t);  the step uses g + b·ĝ     (``bernoulli: false`` injects every step)
+
+A descent step along ĝ pulls θ back toward θ*. No new parameters; the memory cost is one
+copy of θ* (on the parameters' device and dtype). Ablations by option: ``replay: false``
+(g-only), ``alpha: 0`` (replay only), ``scaling: false``, ``bernoulli: false``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from mcit.data.format import Sample
+from mcit.errors import ConfigError
+from mcit.methods import register
+from mcit.methods.base import TaskContext
+from mcit.methods.replay import Replay, ReplayOptions
+from mcit.utils import stable_hash
+
+
+class DGGOptions(ReplayOptions):
+    alpha: float | list[float] = Field(
+        0.2, description="Bernoulli probability of injecting the guidance: one value, or one per task "
+        "(T values, or T-1 values for tasks 2..T)"
+    )
+    norm: Literal["tensor", "global"] = Field("tensor", description="norms in the scaling: per parameter tensor, or global")
+    scaling: bool = Field(True, description="scale the guidance down to the gradient's norm when it is longer")
+    bernoulli: bool = Field(True, description="gate the guidance by a Bernoulli(alpha) draw per step (false: every step)")
+    replay: bool = Field(True, description="mix the replay buffer into batches (false: the g-only ablation)")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v):
+        values = v if isinstance(v, list) else [v]
+        if not values or any(not 0 <= a <= 1 for a in values):
+            raise ValueError(f"alpha must be in [0, 1] (a number or a non-empty list), got {v}")
+        return v
+
+
+@register
+class DGG(Replay):
+    name = "dgg"
+    Options = DGGOptions
+    summary = "Dynamic Gradient Guidance: replay plus the direction back to the previous optimum, gated by Bernoulli(alpha)."
+    paper = "Li et al., Dynamic Gradient Guidance, arXiv 2511.15164 (CVPR 2026)"
+
+    def __init__(self, options: DGGOptions):
+        super().__init__(options)
+        self.theta_star: dict[str, torch.Tensor] = {}
+        self.generator = torch.Generator()
+        self._seeded = False
+        self.injected = 0  # steps that used the guidance (for logs and tests)
+
+    def setup(self, model, ctx: TaskContext) -> None:
+        alpha = self.options.alpha
+        if isinstance(alpha, list) and len(alpha) not in (len(ctx.tasks), len(ctx.tasks) - 1):
+            raise ConfigError(
+                f"method.alpha: {len(alpha)} values for a stream of {len(ctx.tasks)} tasks; give one value, "
+                f"{len(ctx.tasks)} (one per task) or {len(ctx.tasks) - 1} (tasks 2..{len(ctx.tasks)})"
+            )
+        if not self._seeded:
+            self.generator.manual_seed(int(stable_hash([ctx.seed, "dgg-bernoulli"]), 16) % 2**63)
+            self._seeded = True
+
+    def alpha_for(self, stage: int, n_tasks: int) -> float:
+        alpha = self.options.alpha
+        if not isinstance(alpha, list):
+            return alpha
+        return alpha[stage - 1] if len(alpha) == n_tasks else alpha[stage - 2]
+
+    # --- data: replay unless ablated ------------------------------------------------------
+    def train_data(self, task: str, samples: list[Sample], ctx: TaskContext) -> list[Sample]:
+        if not self.options.replay:
+            self._n_current = len(samples)
+            return samples
+        return super().train_data(task, samples, ctx)
+
+    def after_task(self, task: str, ctx: TaskContext) -> None:
+        if self.options.replay:
+            super().after_task(task, ctx)
+        self.theta_star = {n: p.detach().clone() for n, p in ctx.trainable_parameters().items()}
+
+    # --- the guidance ---------------------------------------------------------------------
+    def before_step(self, ctx: TaskContext) -> None:
+        if not self.theta_star or ctx.stage <= 1:
+            return
+        alpha = self.alpha_for(ctx.stage, len(ctx.tasks))
+        if self.options.bernoulli:
+            # Always draw, so the sequence of draws does not depend on alpha.
+            if not bool(torch.rand((), generator=self.generator) < alpha):
+                return
+        elif alpha == 0:
+            return
+        pairs = []
+        for n, p in ctx.trainable_parameters().items():
+            if p.grad is None or n not in self.theta_star:
+                continue  # no gradient this step: nothing to guide
+            if self.theta_star[n].device != p.device or self.theta_star[n].dtype != p.dtype:
+                self.theta_star[n] = self.theta_star[n].to(p.device, p.dtype)  # once, after a resume
+            pairs.append((p, self.theta_star[n]))
+        if not pairs:
+            return
+        with torch.no_grad():
+            deltas = [p.detach() - star for p, star in pairs]
+            if self.options.scaling and self.options.norm == "global":
+                g_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p, _ in pairs]))
+                d_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d.float()) for d in deltas]))
+                factor = (g_norm / d_norm) if d_norm > g_norm else None
+                for (p, _), d in zip(pairs, deltas):
+                    p.grad.add_(d * factor.to(d.dtype) if factor is not None else d)
+            else:
+                for (p, _), d in zip(pairs, deltas):
+                    if self.options.scaling:
+                        g_norm, d_norm = torch.linalg.vector_norm(p.grad.float()), torch.linalg.vector_norm(d.float())
+                        if d_norm > g_norm:
+                            d = d * (g_norm / d_norm).to(d.dtype)
+                    p.grad.add_(d)
+        self.injected += 1
+
+    # --- checkpoint -----------------------------------------------------------------------
+    def state_dict(self):
+        tensors, meta = super().state_dict()
+        tensors = {**tensors, **{f"theta_star.{n}": v for n, v in self.theta_star.items()}}
+        tensors["bernoulli_state"] = self.generator.get_state()
+        return tensors, {**meta, "injected": self.injected}
+
+    def load_state_dict(self, tensors, meta) -> None:
+        super().load_state_dict(tensors, meta)
+        self.theta_star = {k[len("theta_star."):]: v for k, v in tensors.items() if k.startswith("theta_star.")}
+        if "bernoulli_state" in tensors:
+            self.generator.set_state(tensors["bernoulli_state"])
+            self._seeded = True
+        self.injected = int(meta.get("injected", 0))
