@@ -95,3 +95,24 @@ def test_data_synth_writes_a_loadable_benchmark(monkeypatch, capsys, tmp_path):
     main()
     bench = load_benchmark(tmp_path / "s")
     assert len(bench.task("ocr").load("test")) == 2 and set(bench.base) == {"describe", "locate"}
+
+
+def test_compare_groups_seeds_and_plots_a_tradeoff(monkeypatch, capsys, smoke_run, smoke_cfg, tmp_path):
+    from mcit.report import compare, group_rows
+    from mcit.runner import run
+
+    out, first = smoke_run
+    other = run(smoke_cfg("seed=1"), tmp_path / "seed1", show_progress=False)
+    rows = compare([out, tmp_path / "seed1"])
+    (g,) = group_rows(rows, "method")
+    mfn = [first["metrics"]["MFN"], other["metrics"]["MFN"]]
+    assert g["runs"] == 2 and g["MFN"] == pytest.approx(sum(mfn) / 2)
+    assert g["MFN_spread"] == pytest.approx(abs(mfn[0] - mfn[1]) / 2**0.5)
+    assert rows[0]["old_final"] == pytest.approx(sum(first["matrix"][-1][:-1]) / 2)
+    fig = tmp_path / "tradeoff.png"
+    monkeypatch.setattr(sys, "argv", ["mcit", "compare", str(out), str(tmp_path / "seed1"), "--by", "method",
+                                      "--tradeoff", "seed", "--figure", str(fig)])
+    main()
+    assert "± " in capsys.readouterr().out and fig.read_bytes()[:4] == b"\x89PNG"
+    code, _, err = _mcit(monkeypatch, capsys, "compare", str(out), "--tradeoff", "method.nope")
+    _assert_one_line_error(code, err, "config.yaml", "no key 'method.nope'")

@@ -129,18 +129,33 @@ def bench_overhead(
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories holding results.json")],
     figure: Annotated[Path | None, typer.Option("--figure", help="PNG to write (default: compare.png)")] = Path("compare.png"),
+    by: Annotated[str | None, typer.Option("--by", help="Group runs (e.g. over seeds) by 'method' or 'run': mean and spread")] = None,
+    tradeoff: Annotated[str | None, typer.Option("--tradeoff", help="Plot stability/plasticity against this config key, e.g. method.alpha")] = None,
 ):
     """A table of the metrics of several runs, and one figure."""
-    from mcit.report import METRICS
+    from mcit.report import METRICS, group_rows, tradeoff_png
     from mcit.report import compare as compare_runs
+    from mcit.utils import atomic_write_bytes
 
-    rows = compare_runs(run_dirs, figure)
-    table = Table(title="mcit compare")
-    for col in ("run", "method", "seed", *METRICS):
-        table.add_column(col, justify="left" if col in ("run", "method") else "right")
-    for r in rows:
-        table.add_row(r["run"], r["method"], str(r["seed"]),
-                      *("n/a" if r[m] is None else f"{r[m]:.2f}" for m in METRICS))
+    rows = compare_runs(run_dirs, None if tradeoff else figure)
+    if tradeoff and figure:
+        atomic_write_bytes(figure, tradeoff_png(rows, tradeoff))
+    if by is not None:
+        if by not in ("method", "run"):
+            raise McitError(f"--by: expected 'method' or 'run', got {by!r}")
+        table = Table(title=f"mcit compare (mean ± std over runs, by {by})")
+        for col in (by, "runs", *METRICS):
+            table.add_column(col, justify="left" if col == by else "right")
+        for g in group_rows(rows, by):
+            table.add_row(str(g[by]), str(g["runs"]), *("n/a" if g[m] is None else f"{g[m]:.2f} ± {g[m + '_spread']:.2f}"
+                                                       for m in METRICS))
+    else:
+        table = Table(title="mcit compare")
+        for col in ("run", "method", "seed", *METRICS):
+            table.add_column(col, justify="left" if col in ("run", "method") else "right")
+        for r in rows:
+            table.add_row(r["run"], r["method"], str(r["seed"]),
+                          *("n/a" if r[m] is None else f"{r[m]:.2f}" for m in METRICS))
     out.print(table)
     if figure:
         out.print(f"figure: {figure}")

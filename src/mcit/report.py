@@ -109,16 +109,77 @@ def load_results(run_dir: str | Path) -> dict:
         raise McitError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
 
 
+def config_value(run_dir: str | Path, key: str):
+    """A dotted key (e.g. ``method.alpha``) of a run's resolved ``config.yaml``."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise McitError(f"{run_dir}: no config.yaml (is it a run directory?)")
+    value = yaml.safe_load(path.read_text())
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise McitError(f"{path}: no key {key!r}")
+        value = value[part]
+    return value
+
+
 def compare(run_dirs: list[str | Path], out_png: str | Path | None = None) -> list[dict]:
-    """One row per run: its name, method, seed and metrics; optionally a bar figure of MFN/BWT."""
+    """One row per run: its name, method, seed and metrics; optionally a bar figure of MFN/BWT.
+
+    Rows also carry ``old_final`` (mean final score on all but the last task: stability) and
+    ``new`` (mean score on each task right after learning it, = MFT: plasticity).
+    """
     rows = []
     for d in run_dirs:
         r = load_results(d)
-        rows.append({"run": Path(d).name, "method": r["method"], "seed": r["seed"], "tasks": len(r["tasks"]),
-                     **{m: r["metrics"].get(m) for m in METRICS}})
+        A = r["matrix"]
+        T = len(r["tasks"])
+        old = statistics.fmean(A[-1][:-1]) if len(A) == T + 1 and T > 1 else None
+        rows.append({"run": Path(d).name, "dir": str(d), "method": r["method"], "seed": r["seed"], "tasks": T,
+                     **{m: r["metrics"].get(m) for m in METRICS}, "old_final": old, "new": r["metrics"].get("MFT")})
     if out_png is not None and rows:
         atomic_write_bytes(out_png, compare_png(rows))
     return rows
+
+
+def group_rows(rows: list[dict], key: str = "method") -> list[dict]:
+    """Rows grouped by ``key`` (e.g. the method over seeds): mean, and spread = sample std (0 for one run)."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    out = []
+    for name, members in groups.items():
+        agg = {key: name, "runs": len(members), "seeds": sorted(m["seed"] for m in members)}
+        for m in (*METRICS, "old_final", "new"):
+            values = [r[m] for r in members if r[m] is not None]
+            agg[m] = statistics.fmean(values) if values else None
+            agg[m + "_spread"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+        out.append(agg)
+    return out
+
+
+def tradeoff_png(rows: list[dict], key: str) -> bytes:
+    """Stability (old tasks' final score) and plasticity (new task's score) against a config value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted((float(config_value(r["dir"], key)), r["old_final"], r["new"]) for r in rows)
+    if any(o is None or n is None for _, o, n in points):
+        raise McitError("--tradeoff needs continual runs of at least two tasks (joint/zero-shot runs have no diagonal)")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs = [x for x, _, _ in points]
+    ax.plot(xs, [o for _, o, _ in points], "o-", label="old tasks, final (stability)")
+    ax.plot(xs, [n for _, _, n in points], "s-", label="new task, just learnt (plasticity)")
+    ax.set_xlabel(key)
+    ax.set_ylabel("score (0-100)")
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("stability / plasticity")
+    data = _figure_png(fig)
+    plt.close(fig)
+    return data
 
 
 def compare_png(rows: list[dict]) -> bytes:
