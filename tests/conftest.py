@@ -55,3 +55,23 @@ def make_tiny(tmp_path):
         Sample("2", tmp_path / "i.png", "what color is the circle?", "a long answer here", ["x"], task="a"),
     ]
     return model, processor, enc, samples
+
+
+def kill_and_resume(cfg, out, method_cls, stage: int, step: int, monkeypatch) -> dict:
+    """Run ``cfg`` into ``out``, interrupt it at (stage, step) of training, then ``--resume`` it."""
+    import pytest
+
+    from mcit.runner import run
+
+    original = method_cls.before_step
+
+    def killed(self, ctx):
+        if ctx.stage == stage and ctx.step == step:
+            raise KeyboardInterrupt
+        original(self, ctx)
+
+    monkeypatch.setattr(method_cls, "before_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, out, show_progress=False)
+    monkeypatch.undo()
+    return run(cfg, out, resume=True, show_progress=False)

@@ -8,6 +8,7 @@ import torch
 from mcit.errors import ConfigError
 from mcit.methods import TaskContext
 from mcit.runner import run
+from tests.conftest import kill_and_resume
 from tests.test_methods import _method, _NoAccelerator
 
 
@@ -92,19 +93,7 @@ def test_resume_reproduces_the_bernoulli_draws(smoke_cfg, tmp_path, monkeypatch)
     whole = run(cfg, tmp_path / "whole", show_progress=False)
     injected = json.loads((tmp_path / "whole" / "checkpoints" / "stage_03_ocr" / "method.json").read_text())["injected"]
     assert 0 < injected < 20  # two guided tasks of 10 steps, alpha 0.5
-
-    original = DGG.before_step
-
-    def killed(self, ctx):
-        if ctx.stage == 3 and ctx.step == 4:
-            raise KeyboardInterrupt
-        original(self, ctx)
-
-    monkeypatch.setattr(DGG, "before_step", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "killed", show_progress=False)
-    monkeypatch.undo()
-    resumed = run(cfg, tmp_path / "killed", resume=True, show_progress=False)
+    resumed = kill_and_resume(cfg, tmp_path / "killed", DGG, 3, 4, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
     meta = json.loads((tmp_path / "killed" / "checkpoints" / "stage_03_ocr" / "method.json").read_text())
     assert meta["injected"] == injected

@@ -1,6 +1,6 @@
 import torch
 
-from mcit.models.encode import IGNORE_INDEX, Encoder, num_image_tokens
+from mcit.models.encode import IGNORE_INDEX, num_image_tokens
 from tests.conftest import make_tiny as _encoder
 
 

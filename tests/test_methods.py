@@ -7,7 +7,7 @@ import torch
 
 from mcit.methods import TaskContext, get_method
 from mcit.runner import run
-from tests.conftest import make_tiny
+from tests.conftest import kill_and_resume, make_tiny
 
 
 class _NoAccelerator:
@@ -87,15 +87,15 @@ def test_separate_mode_equals_one_penalty_per_task_and_online_decays():
     thetas = [torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 1.0, 4.0])]
     omegas = [torch.tensor([1.0, 0.0, 2.0]), torch.tensor([3.0, 0.0, 0.5])]
     sep = _method("ewc", lam=1.0)
-    for th, om in zip(thetas, omegas):
+    for th, om in zip(thetas, omegas, strict=True):
         sep.consolidate({"w": om}, {"w": th})
     p = torch.nn.Parameter(torch.tensor([0.3, -0.7, 1.5]))
     sep.penalty({"w": p}).backward()
-    explicit = sum(om * (p.detach() - th) for th, om in zip(thetas, omegas))
+    explicit = sum(om * (p.detach() - th) for th, om in zip(thetas, omegas, strict=True))
     torch.testing.assert_close(p.grad, explicit)
 
     onl = _method("ewc", lam=1.0, mode="online", gamma=0.5)
-    for th, om in zip(thetas, omegas):
+    for th, om in zip(thetas, omegas, strict=True):
         onl.consolidate({"w": om}, {"w": th})
     torch.testing.assert_close(onl.omega["w"], 0.5 * omegas[0] + omegas[1])
     torch.testing.assert_close(onl.anchor["w"], thetas[1])
@@ -196,15 +196,7 @@ def test_replay_buffer_survives_resume(smoke_cfg, tmp_path, monkeypatch):
     meta = json.loads((tmp_path / "whole" / "checkpoints" / "stage_02_count" / "method.json").read_text())
     assert {t: len(v) for t, v in meta["ids"].items()} == {"color": 5, "count": 5}
 
-    def killed(self, ctx):
-        if ctx.stage == 3 and ctx.step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Replay, "before_step", killed, raising=False)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "killed", show_progress=False)
-    monkeypatch.undo()
-    resumed = run(cfg, tmp_path / "killed", resume=True, show_progress=False)
+    resumed = kill_and_resume(cfg, tmp_path / "killed", Replay, 3, 3, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
     final = json.loads((tmp_path / "killed" / "checkpoints" / "stage_03_ocr" / "method.json").read_text())
     assert final["ids"]["color"] == meta["ids"]["color"]

@@ -174,12 +174,7 @@ def tradeoff_png(rows: list[dict], key: str) -> bytes:
     ax.plot(xs, [o for _, o, _ in points], "o-", label="old tasks, final (stability)")
     ax.plot(xs, [n for _, _, n in points], "s-", label="new task, just learnt (plasticity)")
     ax.set_xlabel(key)
-    ax.set_ylabel("score (0-100)")
-    ax.legend(fontsize=8, loc="best")
-    ax.set_title("stability / plasticity")
-    data = _figure_png(fig)
-    plt.close(fig)
-    return data
+    return _scores_figure(fig, ax, "stability / plasticity", 8)
 
 
 def compare_png(rows: list[dict]) -> bytes:
@@ -196,9 +191,15 @@ def compare_png(rows: list[dict]) -> bytes:
         ax.bar(xs, [row[m] if row[m] is not None else 0 for m in shown], width, label=row["run"])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shown))], shown)
     ax.axhline(0, color="black", linewidth=0.8)
+    return _scores_figure(fig, ax, "mcit compare", 7)
+
+
+def _scores_figure(fig, ax, title: str, legend_size: int) -> bytes:
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("score (0-100)")
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title("mcit compare")
+    ax.legend(fontsize=legend_size, loc="best")
+    ax.set_title(title)
     data = _figure_png(fig)
     plt.close(fig)
     return data

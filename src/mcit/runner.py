@@ -28,7 +28,14 @@ from mcit.models.load import starting_model
 from mcit.models.tuning import apply_tuning, load_trainable_state, trainable_state
 from mcit.progress import console
 from mcit.train import train_stage
-from mcit.utils import atomic_write_json, atomic_write_text, default_cache_dir, environment_info, seed_everything, stable_hash
+from mcit.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    default_cache_dir,
+    environment_info,
+    seed_everything,
+    stable_hash,
+)
 
 STATE = "state.json"
 

@@ -117,10 +117,10 @@ class DGG(Replay):
                 g_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p, _ in pairs]))
                 d_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d.float()) for d in deltas]))
                 factor = (g_norm / d_norm) if d_norm > g_norm else None
-                for (p, _), d in zip(pairs, deltas):
+                for (p, _), d in zip(pairs, deltas, strict=True):
                     p.grad.add_(d * factor.to(d.dtype) if factor is not None else d)
             else:
-                for (p, _), d in zip(pairs, deltas):
+                for (p, _), d in zip(pairs, deltas, strict=True):
                     if self.options.scaling:
                         g_norm, d_norm = torch.linalg.vector_norm(p.grad.float()), torch.linalg.vector_norm(d.float())
                         if d_norm > g_norm:
