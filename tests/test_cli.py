@@ -116,3 +116,14 @@ def test_compare_groups_seeds_and_plots_a_tradeoff(monkeypatch, capsys, smoke_ru
     assert "± " in capsys.readouterr().out and fig.read_bytes()[:4] == b"\x89PNG"
     code, _, err = _mcit(monkeypatch, capsys, "compare", str(out), "--tradeoff", "method.nope")
     _assert_one_line_error(code, err, "config.yaml", "no key 'method.nope'")
+
+
+def test_every_shipped_config_validates():
+    from mcit.config import load_config
+    from mcit.methods import get_method
+
+    configs = sorted((SMOKE.parent).glob("*.yaml"))
+    assert len(configs) >= 12
+    for path in configs:
+        cfg = load_config(path, [])
+        assert get_method(cfg.method["name"]).name == cfg.method["name"], path
