@@ -28,7 +28,6 @@ from mcit.progress import progress_bar
 class _Lane:
     name: str
     method: object
-    model: object
     ctx: TaskContext
     trainer: object = None
     step_ms: list[float] = field(default_factory=list)
@@ -43,14 +42,18 @@ def _cuda(device) -> bool:
 def overhead(cfg, methods: list[str], steps: int = 100, chunk: int = 5, warm_steps: int = 10,
              show_progress: bool = True) -> dict:
     """Time ``steps`` training steps of each method (the first is the baseline, normally seqft)."""
-    from accelerate import Accelerator
-
-    from mcit.models.encode import Encoder
-    from mcit.models.load import starting_model
-    from mcit.models.tuning import apply_tuning
-    from mcit.runner import prepare_benchmark, stream_tasks
+    from mcit.runner import (
+        begin_stage,
+        build_method,
+        end_stage,
+        load_split,
+        make_accelerator,
+        prepare_benchmark,
+        prepare_model,
+        stream_tasks,
+    )
     from mcit.train import StageTrainer
-    from mcit.utils import default_cache_dir, environment_info, seed_everything
+    from mcit.utils import default_cache_dir, environment_info
 
     if len(set(methods)) != len(methods) or not methods:
         raise ConfigError(f"--methods: give distinct method names, got {methods}")
@@ -68,41 +71,25 @@ def overhead(cfg, methods: list[str], steps: int = 100, chunk: int = 5, warm_ste
     if len(tasks) < 2:
         raise ConfigError("benchmark.tasks: the overhead benchmark needs a stream of at least two tasks")
     first, second = tasks[:2]
-    train = {t: bench.task(t).load("train", bench.image_root)[: cfg.benchmark.max_train] for t in tasks}
-    accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
+    train = load_split(cfg, bench, tasks, "train")
+    accelerator = make_accelerator(cfg)
     device = accelerator.device
 
     lanes: list[_Lane] = []
-    encoder = None
     for i, name in enumerate(methods):
-        seed_everything(cfg.seed)
-        model, processor = starting_model(cfg, bench, cache_dir, accelerator, show_progress and i == 0)
-        if encoder is None:
-            encoder = Encoder(processor, cfg.model.prompt_template, cfg.model.tiny.max_length)
-        model = apply_tuning(model, cfg.model.tuning, cfg.model.lora).to(device)
-        options = cfg.method if cfg.method.get("name") == name else {}
-        cls = classes[name]
-        method = cls(cls.Options.model_validate({k: v for k, v in options.items() if k != "name"}))
-        ctx = TaskContext(model, accelerator, cfg, tasks, train, seed=cfg.seed)
-        ctx.extras["encoder"] = encoder
+        model, encoder, ctx = prepare_model(cfg, bench, cache_dir, accelerator, train, tasks, show_progress and i == 0)
+        # The config's options for the method it names; defaults for the others.
+        method = build_method(cfg.method if cfg.method.get("name") == name else {"name": name})
         method.setup(model, ctx)
-        lane = _Lane(name, method, model, ctx)
+        lane = _Lane(name, method, ctx)
         # Stage 1: a few steps, then the method's end-of-task work (timed).
-        ctx.stage, ctx.task, ctx.seed = 1, first, cfg.seed * 1000 + 1
-        samples = method.train_data(first, train[first], ctx)
-        method.before_task(first, samples, ctx)
-        StageTrainer(model, encoder, samples, cfg.train, accelerator, ctx.seed, method, ctx,
-                     method.sample_weights(samples, ctx), warm_steps, f"{name} warm-up").run_steps(warm_steps)
-        t0 = time.perf_counter()
-        method.after_task(first, ctx)
-        lane.one_off_s += time.perf_counter() - t0
-        # Stage 2: prepare (timed), then the trainer whose steps are measured.
-        ctx.stage, ctx.task, ctx.seed, ctx.step = 2, second, cfg.seed * 1000 + 2, 0
-        samples = method.train_data(second, train[second], ctx)
-        weights = method.sample_weights(samples, ctx)
-        t0 = time.perf_counter()
-        method.before_task(second, samples, ctx)
-        lane.one_off_s += time.perf_counter() - t0
+        samples, weights, _ = begin_stage(method, ctx, 1, first, [first])
+        StageTrainer(model, encoder, samples, cfg.train, accelerator, ctx.seed, method, ctx, weights, warm_steps,
+                     f"{name} warm-up").run_steps(warm_steps)
+        lane.one_off_s += end_stage(method, ctx, first)
+        # Stage 2: prepared (before_task timed), then the trainer whose steps are measured.
+        samples, weights, seconds = begin_stage(method, ctx, 2, second, [second])
+        lane.one_off_s += seconds
         lane.trainer = StageTrainer(model, encoder, samples, cfg.train, accelerator, ctx.seed, method, ctx,
                                     weights, cfg.train.steps, f"{name} timed")
         lane.trainer.run_steps(chunk)  # warm caches and allocator before timing

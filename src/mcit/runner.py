@@ -83,6 +83,56 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def build_method(spec: dict):
+    """The method named by a validated ``method:`` config section, with its options."""
+    cls = get_method(spec["name"])
+    return cls(cls.Options.model_validate({k: v for k, v in spec.items() if k != "name"}))
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
+
+
+def load_split(cfg: RunConfig, bench: Benchmark, tasks: list[str], split: str) -> dict:
+    """Every task's samples of one split, capped by ``benchmark.max_train`` / ``max_test``."""
+    limit = cfg.benchmark.max_train if split == "train" else cfg.benchmark.max_test
+    return {t: bench.task(t).load(split, bench.image_root)[:limit] for t in tasks}
+
+
+def prepare_model(cfg: RunConfig, bench: Benchmark, cache_dir: Path, accelerator, train: dict, tasks: list[str],
+                  show_progress: bool = True):
+    """The starting model with its tuning mode applied, its encoder, and the methods' context."""
+    model, processor = starting_model(cfg, bench, cache_dir, accelerator, show_progress)
+    encoder = Encoder(processor, cfg.model.prompt_template, cfg.model.tiny.max_length)
+    model = apply_tuning(model, cfg.model.tuning, cfg.model.lora).to(accelerator.device)
+    ctx = TaskContext(model, accelerator, cfg, tasks, train, seed=cfg.seed)
+    ctx.extras["encoder"] = encoder
+    return model, encoder, ctx
+
+
+def begin_stage(method, ctx: TaskContext, stage: int, label: str, task_names: list[str]):
+    """Point ``ctx`` at a stage and let the method prepare it: (samples, weights, before_task seconds).
+
+    Stage ``k`` is seeded with ``seed x 1000 + k``, which is what makes a resumed stage replay exactly.
+    """
+    ctx.stage, ctx.task, ctx.step, ctx.seed = stage, label, 0, ctx.config.seed * 1000 + stage
+    seed_everything(ctx.seed)
+    samples = [s for t in task_names for s in method.train_data(t, ctx.train_data[t], ctx)]
+    weights = method.sample_weights(samples, ctx)
+    t0 = time.perf_counter()
+    method.before_task(label, samples, ctx)
+    return samples, weights, time.perf_counter() - t0
+
+
+def end_stage(method, ctx: TaskContext, label: str) -> float:
+    """The method's end-of-task work (importance, snapshots, buffer); its seconds."""
+    t0 = time.perf_counter()
+    method.after_task(label, ctx)
+    return time.perf_counter() - t0
+
+
 class Run:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True):
         self.cfg, self.out, self.resume, self.show = cfg, Path(out_dir), resume, show_progress
@@ -152,30 +202,22 @@ class Run:
         return evals, seconds
 
     def execute(self) -> dict:
-        from accelerate import Accelerator
-
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         state = self._check_out_dir()
-        method_cls = get_method(cfg.method["name"])
-        method = method_cls(method_cls.Options.model_validate({k: v for k, v in cfg.method.items() if k != "name"}))
+        method = build_method(cfg.method)
         self.bench = prepare_benchmark(cfg, self.cache_dir, self.show)
         self.tasks = stream_tasks(cfg, self.bench)
         # Load every file up front: a malformed line or a missing image fails before any training.
-        spec = {t: self.bench.task(t) for t in self.tasks}
-        self.train = {t: spec[t].load("train", self.bench.image_root)[: cfg.benchmark.max_train] for t in self.tasks}
-        self.test = {t: spec[t].load("test", self.bench.image_root)[: cfg.benchmark.max_test] for t in self.tasks}
+        self.train = load_split(cfg, self.bench, self.tasks, "train")
+        self.test = load_split(cfg, self.bench, self.tasks, "test")
 
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "config.yaml", dump_config(cfg))
-        use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        self.accelerator = Accelerator(cpu=use_cpu)
-        model, processor = starting_model(cfg, self.bench, self.cache_dir, self.accelerator, self.show)
-        self.encoder = Encoder(processor, cfg.model.prompt_template, cfg.model.tiny.max_length)
-        self.model = apply_tuning(model, cfg.model.tuning, cfg.model.lora).to(self.accelerator.device)
-        ctx = TaskContext(self.model, self.accelerator, cfg, self.tasks, self.train, seed=cfg.seed)
-        ctx.extras["encoder"] = self.encoder
+        self.accelerator = make_accelerator(cfg)
+        self.model, self.encoder, ctx = prepare_model(cfg, self.bench, self.cache_dir, self.accelerator, self.train,
+                                                      self.tasks, self.show)
         method.setup(self.model, ctx)
         self.model = self.accelerator.prepare(self.model)
         ctx.model = self.model
@@ -183,7 +225,7 @@ class Run:
         stages = self._stages(method)
         if state is None:
             state = {"config_hash": self.hash, "tasks": self.tasks, "rows": [], "row_labels": [], "details": [],
-                     "train_s": 0.0, "eval_s": 0.0, "step_ms": [], "steps": 0}
+                     "train_s": 0.0, "eval_s": 0.0, "method_s": 0.0, "step_ms": [], "steps": 0}
         else:
             self._restore(state, method)
             if self.show:
@@ -196,24 +238,15 @@ class Run:
         for stage, (label, task_names) in enumerate(stages, start=1):
             if stage < len(state["rows"]):
                 continue
-            seed = cfg.seed * 1000 + stage
-            seed_everything(seed)
-            ctx.stage, ctx.task, ctx.step, ctx.seed = stage, label, 0, seed
-            samples = [s for t in task_names for s in method.train_data(t, self.train[t], ctx)]
-            weights = method.sample_weights(samples, ctx)
-            t0 = time.perf_counter()
-            method.before_task(label, samples, ctx)
-            one_off = time.perf_counter() - t0
+            samples, weights, one_off = begin_stage(method, ctx, stage, label, task_names)
             steps = cfg.train.steps
             if method.schedule == "joint":
                 steps = int(round(method.options.steps_factor * cfg.train.steps * len(self.tasks)))
-            stats = train_stage(self.model, self.encoder, samples, cfg.train, self.accelerator, seed, method, ctx,
+            stats = train_stage(self.model, self.encoder, samples, cfg.train, self.accelerator, ctx.seed, method, ctx,
                                 weights=weights, steps=steps, desc=f"task {stage}/{len(stages)} {label}",
                                 show_progress=self.show)
-            t0 = time.perf_counter()
-            method.after_task(label, ctx)
-            one_off += time.perf_counter() - t0
-            state["method_s"] = state.get("method_s", 0.0) + one_off
+            one_off += end_stage(method, ctx, label)
+            state["method_s"] = state.get("method_s", 0.0) + one_off  # .get: state files from before method_s
             evals, secs = self.evaluate_all(method, ctx, f"row {stage} (after {label})")
             state["train_s"] += stats.seconds
             state["step_ms"].extend(stats.step_ms)

@@ -59,7 +59,7 @@ class DGG(Replay):
         super().__init__(options)
         self.theta_star: dict[str, torch.Tensor] = {}
         self.generator = torch.Generator()
-        self._seeded = False
+        self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None
         self.injected = 0  # steps that used the guidance (for logs and tests)
 
     def setup(self, model, ctx: TaskContext) -> None:
@@ -69,9 +69,8 @@ class DGG(Replay):
                 f"method.alpha: {len(alpha)} values for a stream of {len(ctx.tasks)} tasks; give one value, "
                 f"{len(ctx.tasks)} (one per task) or {len(ctx.tasks) - 1} (tasks 2..{len(ctx.tasks)})"
             )
-        if not self._seeded:
-            self.generator.manual_seed(int(stable_hash([ctx.seed, "dgg-bernoulli"]), 16) % 2**63)
-            self._seeded = True
+        # Seeded here; a resumed run then restores the saved state in load_state_dict.
+        self.generator.manual_seed(int(stable_hash([ctx.seed, "dgg-bernoulli"]), 16) % 2**63)
 
     def alpha_for(self, stage: int, n_tasks: int) -> float:
         alpha = self.options.alpha
@@ -90,6 +89,7 @@ class DGG(Replay):
         if self.options.replay:
             super().after_task(task, ctx)
         self.theta_star = {n: p.detach().clone() for n, p in ctx.trainable_parameters().items()}
+        self._pairs = None
 
     # --- the guidance ---------------------------------------------------------------------
     def before_step(self, ctx: TaskContext) -> None:
@@ -102,30 +102,32 @@ class DGG(Replay):
                 return
         elif alpha == 0:
             return
-        pairs = []
-        for n, p in ctx.trainable_parameters().items():
-            if p.grad is None or n not in self.theta_star:
-                continue  # no gradient this step: nothing to guide
-            if self.theta_star[n].device != p.device or self.theta_star[n].dtype != p.dtype:
-                self.theta_star[n] = self.theta_star[n].to(p.device, p.dtype)  # once, after a resume
-            pairs.append((p, self.theta_star[n]))
+        if self._pairs is None:
+            # (parameter, θ*) once per task, not every step; θ* moved to the parameter's device and
+            # dtype once (it arrives on the CPU after a resume).
+            params = ctx.trainable_parameters()
+            self._pairs = []
+            for n, star in self.theta_star.items():
+                if n in params:
+                    self.theta_star[n] = star.to(params[n].device, params[n].dtype)
+                    self._pairs.append((params[n], self.theta_star[n]))
+        pairs = [(p, star) for p, star in self._pairs if p.grad is not None]  # no gradient: nothing to guide
         if not pairs:
             return
         with torch.no_grad():
             deltas = [p.detach() - star for p, star in pairs]
-            if self.options.scaling and self.options.norm == "global":
-                g_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p, _ in pairs]))
-                d_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d.float()) for d in deltas]))
-                factor = (g_norm / d_norm) if d_norm > g_norm else None
-                for (p, _), d in zip(pairs, deltas, strict=True):
-                    p.grad.add_(d * factor.to(d.dtype) if factor is not None else d)
-            else:
-                for (p, _), d in zip(pairs, deltas, strict=True):
-                    if self.options.scaling:
-                        g_norm, d_norm = torch.linalg.vector_norm(p.grad.float()), torch.linalg.vector_norm(d.float())
-                        if d_norm > g_norm:
-                            d = d * (g_norm / d_norm).to(d.dtype)
-                    p.grad.add_(d)
+            if self.options.scaling:
+                g_norms = [torch.linalg.vector_norm(p.grad.float()) for p, _ in pairs]
+                d_norms = [torch.linalg.vector_norm(d.float()) for d in deltas]
+                if self.options.norm == "global":
+                    factor = _shrink(torch.linalg.vector_norm(torch.stack(g_norms)),
+                                     torch.linalg.vector_norm(torch.stack(d_norms)))
+                    factors = [factor] * len(deltas)
+                else:
+                    factors = [_shrink(g, d) for g, d in zip(g_norms, d_norms, strict=True)]
+                deltas = [d * f.to(d.dtype) for d, f in zip(deltas, factors, strict=True)]
+            for (p, _), d in zip(pairs, deltas, strict=True):
+                p.grad.add_(d)
         self.injected += 1
 
     # --- checkpoint -----------------------------------------------------------------------
@@ -140,5 +142,10 @@ class DGG(Replay):
         self.theta_star = {k[len("theta_star."):]: v for k, v in tensors.items() if k.startswith("theta_star.")}
         if "bernoulli_state" in tensors:
             self.generator.set_state(tensors["bernoulli_state"])
-            self._seeded = True
+        self._pairs = None
         self.injected = int(meta.get("injected", 0))
+
+
+def _shrink(g_norm: torch.Tensor, d_norm: torch.Tensor) -> torch.Tensor:
+    """``‖g‖/‖d‖`` where ``‖d‖ > ‖g‖``, else 1: computed on the device, no host sync per tensor."""
+    return torch.where(d_norm > g_norm, g_norm / d_norm, torch.ones_like(d_norm))

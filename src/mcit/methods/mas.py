@@ -28,7 +28,7 @@ class MAS(ImportancePenalty):
     paper = "Aljundi et al., ECCV 2018"
 
     def objective(self, batch, outputs):
-        return answer_logits(outputs.logits.float(), batch["labels"]).pow(2).sum(-1).mean()
+        return answer_logits(outputs.logits, batch["labels"]).float().pow(2).sum(-1).mean()
 
     def accumulate(self, grad):
         return grad.abs()

@@ -63,6 +63,7 @@ class ImportancePenalty(Method):
         self.omega: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
         self.tasks_done: list[str] = []
+        self._active: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] | None = None
 
     # --- what differs between EWC and MAS --------------------------------------------------
     def objective(self, batch: dict, outputs) -> torch.Tensor:
@@ -128,25 +129,30 @@ class ImportancePenalty(Method):
         self.tasks_done.append(task)
         self._active = None
 
-    # --- the penalty ----------------------------------------------------------------------
-    _active: list[str] | None = None
+    # --- the penalty ---------------------------------------------------------------------
+    def bind(self, params: dict[str, torch.Tensor]) -> None:
+        """Pair the parameters with their importance and anchor, once per consolidation rather than
+        every step; parameters that never received a gradient (importance 0) are left out."""
+        self._active = []
+        for n, o in self.omega.items():
+            if n in params and bool((o > 0).any()):
+                device = params[n].device
+                self.omega[n], self.anchor[n] = o.to(device), self.anchor[n].to(device)
+                self._active.append((params[n], self.omega[n], self.anchor[n]))
 
-    def penalty(self, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def penalty(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """``lam/2 * sum(Ω (θ - anchor)^2)``; ``params`` (re)binds the parameters first."""
         if not self.omega or self.options.lam == 0:
             return None
-        if self._active is None:
-            # Parameters that never received a gradient have zero importance: skip them.
-            self._active = [n for n, o in self.omega.items() if n in params and bool((o > 0).any())]
-            for n in self._active:
-                device = params[n].device
-                self.omega[n], self.anchor[n] = self.omega[n].to(device), self.anchor[n].to(device)
+        if params is not None:
+            self.bind(params)
         if not self._active:
             return None
-        total = sum((self.omega[n] * (params[n].float() - self.anchor[n]) ** 2).sum() for n in self._active)
+        total = sum((omega * (p.float() - anchor) ** 2).sum() for p, omega, anchor in self._active)
         return 0.5 * self.options.lam * total
 
     def extra_loss(self, batch: dict, outputs, ctx: TaskContext) -> torch.Tensor | None:
-        return self.penalty(ctx.trainable_parameters())
+        return self.penalty(ctx.trainable_parameters() if self._active is None else None)
 
     # --- checkpoint -----------------------------------------------------------------------
     def state_dict(self):
