@@ -121,9 +121,37 @@ def test_compare_groups_seeds_and_plots_a_tradeoff(monkeypatch, capsys, smoke_ru
 def test_every_shipped_config_validates():
     from mcit.config import load_config
     from mcit.methods import get_method
+    from mcit.runner import build_method
 
-    configs = sorted((SMOKE.parent).glob("*.yaml"))
-    assert len(configs) >= 12
+    configs = sorted(p for p in SMOKE.parents[1].glob("*/*.yaml") if not p.name.startswith("_"))
+    assert len(configs) >= 12 + 5 * 8
     for path in configs:
         cfg = load_config(path, [])
         assert get_method(cfg.method["name"]).name == cfg.method["name"], path
+        build_method(cfg.method)  # the method's options validate too
+
+
+def test_config_extends(tmp_path):
+    from mcit.config import load_config
+    from mcit.errors import ConfigError
+
+    (tmp_path / "base.yaml").write_text("seed: 3\ntrain: {steps: 7, lr: 0.5}\nmethod: {name: replay, per_task: 5}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ntrain: {steps: 9}\nmethod: {ratio: 0.5}\n")
+    cfg = load_config(tmp_path / "child.yaml", ["train.batch_size=4"])
+    assert (cfg.seed, cfg.train.steps, cfg.train.lr, cfg.train.batch_size) == (3, 9, 0.5, 4)
+    assert (cfg.method["name"], cfg.method["per_task"], cfg.method["ratio"]) == ("replay", 5, 0.5)
+    (tmp_path / "base.yaml").write_text("extends: child.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "child.yaml").write_text("extends: nope.yaml\n")
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found \\(extended by"):
+        load_config(tmp_path / "child.yaml")
+
+
+def test_epochs_set_the_steps():
+    from mcit.config import OptimConfig
+
+    assert OptimConfig(steps=5).steps_for(1000) == 5
+    assert OptimConfig(epochs=1, batch_size=16).steps_for(100) == 7
+    assert OptimConfig(epochs=2, batch_size=16, grad_accum=2).steps_for(100) == 7
+    assert OptimConfig(epochs=0.01, batch_size=16).steps_for(100) == 1

@@ -245,7 +245,8 @@ def test_distillation_is_a_scaled_kl():
 def test_methods_run_the_smoke_stream(smoke_cfg, tmp_path, name):
     res = run(smoke_cfg(f"method.name={name}"), tmp_path / name, show_progress=False)
     assert res["method"] == name and len(res["matrix"]) == 4
-    assert (res["timing"]["method_s"] > 0) == (name != "replay")
+    if name != "replay":  # replay's bookkeeping takes milliseconds: nothing to assert about its time
+        assert res["timing"]["method_s"] > 0
 
 
 def test_bench_overhead_times_every_method_against_seqft(smoke_cfg, smoke_run, monkeypatch, capsys, tmp_path):

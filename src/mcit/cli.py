@@ -90,6 +90,92 @@ def data_synth(
     out.print(f"wrote {out_dir / 'benchmark.json'}")
 
 
+@data_app.command("prepare")
+def data_prepare(
+    name: Annotated[str, typer.Argument(help="Dataset: see `mcit data list`")],
+    src: Annotated[Path, typer.Option("--src", help="Folder holding the official annotation files")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Prepared benchmark folder (tasks are merged into it)")],
+    images: Annotated[Path | None, typer.Option("--images", help="Image folder (default: the dataset's usual place under --src)")] = None,
+    task_map: Annotated[Path | None, typer.Option("--task-map", help="vqav2_10: JSON question_id -> task, for VQACL's exact split")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="refcoco: allow loading the refs pickle")] = False,
+    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Leave out records whose image is missing (counted) instead of failing")] = False,
+    option: Annotated[list[str] | None, typer.Option("--option", help="Converter option KEY=VALUE (repeatable; see `mcit data list`)")] = None,
+):
+    """Convert a dataset from its official files into mcit's task format (images are referenced, not copied)."""
+    from mcit.data.convert import prepare
+
+    opts = {}
+    for pair in option or []:
+        if "=" not in pair:
+            raise McitError(f"--option: expected KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        opts[key.strip()] = value
+    if task_map is not None:
+        if name != "vqav2_10":
+            raise McitError(f"--task-map applies to vqav2_10 only, not {name!r}")
+        opts["task_map"] = str(task_map)
+    if trust_pickle:
+        if name != "refcoco":
+            raise McitError(f"--trust-pickle applies to refcoco only, not {name!r}")
+        opts["trust_pickle"] = "true"
+    with out.status(f"converting {name}") as status:
+        report = prepare(name, src, out_dir, images, opts, skip_missing,
+                         progress=lambda n: status.update(f"converting {name}: {n} records"))
+    table = Table(title=f"{name} -> {out_dir} (images: {report['image_root']})")
+    for col in ("task", "train", "test", "train images", "test images"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, counts in report["counts"].items():
+        imgs = report["images"][task]
+        table.add_row(task, str(counts["train"]), str(counts["test"]), str(imgs["train"]), str(imgs["test"]))
+    out.print(table)
+    for reason, n in report["skipped"].items():
+        out.print(f"left out: {n} ({reason})")
+    for path in report["missing_examples"]:
+        out.print(f"  missing: {path}")
+    out.print(f"wrote {out_dir / 'benchmark.json'}; check it with: mcit data check {out_dir}")
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path, typer.Argument(help="A prepared benchmark folder (holding benchmark.json)")],
+    full: Annotated[bool, typer.Option("--full", help="Decode every image, not only its header")] = False,
+):
+    """Validate a prepared benchmark: records, images, scorers. Exits non-zero on any problem."""
+    from mcit.data.check import check_benchmark
+
+    with out.status("checking") as status:
+        report = check_benchmark(root, full, progress=lambda what: status.update(f"checking {what}"))
+    table = Table(title=f"mcit data check {root}")
+    for col in ("task", "split", "records", "images", "missing", "unreadable", "empty", "scorer", "self-score", "ok"):
+        table.add_column(col, justify="left" if col in ("task", "split", "scorer") else "right")
+    for r in report.rows:
+        table.add_row(r.task, r.split, str(r.records), str(r.images), str(r.missing), str(r.unreadable), str(r.empty),
+                      r.scorer + ("" if r.scorer_ok else " (fails)"),
+                      "n/a" if r.self_score is None else f"{r.self_score:.1f}", "yes" if r.ok else "[red]NO[/]")
+    out.print(table)
+    for p in report.problems:
+        out.print(f"[red]problem:[/] {p}", highlight=False, soft_wrap=True)
+    if report.more_problems:
+        out.print(f"... and {report.more_problems} more problems")
+    if not report.ok:
+        raise typer.Exit(1)
+    out.print("all checks passed")
+
+
+@data_app.command("list")
+def data_list():
+    """The datasets `mcit data prepare` converts: files expected, tasks, scorers, options."""
+    from mcit.data.convert import available_converters
+
+    for name, conv in available_converters().items():
+        tasks = conv.tasks({k: o.default for k, o in conv.options.items()})
+        out.print(f"[bold]{name}[/]  {conv.summary}", highlight=False)
+        out.print(f"    files: {conv.files}", highlight=False)
+        out.print("    tasks: " + ", ".join(f"{t} ({i.scorer})" for t, i in tasks.items()), highlight=False)
+        for key, o in conv.options.items():
+            out.print(f"    --option {key}=...  {o.help} (default {o.default!r})", highlight=False)
+
+
 @bench_app.command("overhead")
 def bench_overhead(
     methods_: Annotated[str, typer.Option("--methods", help="Comma-separated; the first is the baseline")] = "seqft,replay,ewc,mas,lwf",
@@ -164,7 +250,9 @@ def compare(
 def main() -> None:
     debug = os.environ.get("MCIT_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code here instead of raising
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except McitError as e:
         if debug:
             raise

@@ -6,6 +6,7 @@ and bad values are errors naming the key and what is allowed.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,11 @@ class SynthConfig(Strict):
     image_size: int = Field(48, ge=8)
 
 
+class ScorerOverride(Strict):
+    name: str
+    options: dict = {}
+
+
 class BenchmarkConfig(Strict):
     name: str = "synth"
     root: Path | None = None  # a prepared benchmark folder; synth: generated into the cache if None
@@ -36,6 +42,16 @@ class BenchmarkConfig(Strict):
     synth: SynthConfig = SynthConfig()
     max_train: int | None = Field(None, ge=1)  # cap per task (first N records)
     max_test: int | None = Field(None, ge=1)
+    # task -> scorer, replacing the prepared benchmark's (e.g. the scorer a paper's numbers used)
+    scorers: dict[str, ScorerOverride] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scorer_shorthand(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("scorers"), dict):
+            data = dict(data)
+            data["scorers"] = {t: {"name": v} if isinstance(v, str) else v for t, v in data["scorers"].items()}
+        return data
 
 
 class TinyModelConfig(Strict):
@@ -93,6 +109,14 @@ class OptimConfig(Strict):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0)
     grad_accum: int = Field(1, ge=1)
+    # when set, a task trains for this many passes over its data (steps follow from its size)
+    epochs: float | None = Field(None, gt=0)
+
+    def steps_for(self, n_samples: int) -> int:
+        """Optimiser steps for a stage of ``n_samples``: ``epochs`` passes if set, else ``steps``."""
+        if self.epochs is None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * n_samples / (self.batch_size * self.grad_accum)))
 
 
 class BaseTrainingConfig(OptimConfig):
@@ -205,19 +229,40 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    data: dict = _read_yaml(Path(path), ()) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data, source=str(path) if path else "config")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
+    """A config file's mapping, with ``extends: FILE`` (relative to it) merged underneath."""
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"{path}: config file not found{where}")
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'extends' forms a cycle: {' -> '.join(map(str, chain))} -> {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must be one file path (relative to this file)")
+    return _deep_merge(_read_yaml(path.parent / parent, (*chain, path.resolve())), data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def config_from_dict(data: dict, source: str = "config") -> RunConfig:

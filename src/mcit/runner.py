@@ -48,6 +48,23 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def prepare_benchmark(cfg: RunConfig, cache_dir: Path, show_progress: bool = True) -> Benchmark:
+    return _override_scorers(cfg, _benchmark(cfg, cache_dir, show_progress))
+
+
+def _override_scorers(cfg: RunConfig, bench: Benchmark) -> Benchmark:
+    from mcit.scoring import check_scorer
+
+    for task, override in cfg.benchmark.scorers.items():
+        spec = bench.task(task)  # raises naming the benchmark's tasks
+        try:
+            check_scorer(override.name, override.options)
+        except McitError as e:
+            raise ConfigError(f"benchmark.scorers.{task}: {e}") from None
+        spec.scorer, spec.scorer_options = override.name, dict(override.options)
+    return bench
+
+
+def _benchmark(cfg: RunConfig, cache_dir: Path, show_progress: bool) -> Benchmark:
     b = cfg.benchmark
     if b.root is not None:
         return load_benchmark(b.root)
@@ -109,6 +126,7 @@ def prepare_model(cfg: RunConfig, bench: Benchmark, cache_dir: Path, accelerator
     model = apply_tuning(model, cfg.model.tuning, cfg.model.lora).to(accelerator.device)
     ctx = TaskContext(model, accelerator, cfg, tasks, train, seed=cfg.seed)
     ctx.extras["encoder"] = encoder
+    ctx.extras["benchmark"] = bench
     return model, encoder, ctx
 
 
@@ -239,9 +257,10 @@ class Run:
             if stage < len(state["rows"]):
                 continue
             samples, weights, one_off = begin_stage(method, ctx, stage, label, task_names)
-            steps = cfg.train.steps
-            if method.schedule == "joint":
-                steps = int(round(method.options.steps_factor * cfg.train.steps * len(self.tasks)))
+            steps = cfg.train.steps_for(len(samples))
+            if method.schedule == "joint":  # with epochs, the joint stage's samples already span all tasks
+                tasks_factor = 1 if cfg.train.epochs is not None else len(self.tasks)
+                steps = int(round(method.options.steps_factor * steps * tasks_factor))
             stats = train_stage(self.model, self.encoder, samples, cfg.train, self.accelerator, ctx.seed, method, ctx,
                                 weights=weights, steps=steps, desc=f"task {stage}/{len(stages)} {label}",
                                 show_progress=self.show)

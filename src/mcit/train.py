@@ -71,7 +71,7 @@ class StageTrainer:
 
     def __init__(self, model, encoder, samples: list[Sample], optim, accelerator, seed: int, method=None, ctx=None,
                  weights: torch.Tensor | None = None, steps: int | None = None, desc: str = "train"):
-        self.steps = optim.steps if steps is None else steps
+        self.steps = optim.steps_for(len(samples)) if steps is None else steps
         self.model, self.encoder, self.samples, self.optim = model, encoder, samples, optim
         self.accelerator, self.method, self.ctx, self.desc = accelerator, method, ctx, desc
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -145,8 +145,9 @@ def train_stage(
     desc: str = "train",
     show_progress: bool = True,
 ) -> StageStats:
-    """Train ``model`` for ``steps`` (default ``optim.steps``) optimiser steps on ``samples``."""
-    steps = optim.steps if steps is None else steps
+    """Train ``model`` for ``steps`` optimiser steps on ``samples`` (default: ``optim.steps``, or
+    ``optim.epochs`` passes over ``samples`` when that is set)."""
+    steps = optim.steps_for(len(samples)) if steps is None else steps
     stats = StageStats()
     if steps == 0 or not samples:
         return stats

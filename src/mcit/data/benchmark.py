@@ -6,7 +6,8 @@
  "base": {"describe": "base/describe.jsonl", ...}}
 ```
 Paths are relative to the folder holding ``benchmark.json``; images are relative to each data
-file's folder unless ``image_root`` is given. The synthetic generator and every converter
+file's folder unless ``image_root`` is given (per task, as converters write it, or for the
+whole benchmark). The synthetic generator and every converter
 write this layout; :func:`load_benchmark` is the one reader.
 """
 
@@ -30,9 +31,11 @@ class TaskSpec:
     scorer: str
     scorer_options: dict = field(default_factory=dict)
     max_new_tokens: int | None = None
+    image_root: Path | None = None  # this task's images (a converter's --images); wins over the benchmark's
 
-    def load(self, split: str, image_root: Path | None = None) -> list[Sample]:
-        return load_task_file(self.train if split == "train" else self.test, image_root, self.name)
+    def load(self, split: str, image_root: Path | None = None, check_images: bool = True) -> list[Sample]:
+        return load_task_file(self.train if split == "train" else self.test, self.image_root or image_root,
+                              self.name, check_images)
 
 
 @dataclass
@@ -82,6 +85,7 @@ def load_benchmark(root: str | Path) -> Benchmark:
             scorer=t["scorer"],
             scorer_options=dict(t.get("scorer_options", {})),
             max_new_tokens=t.get("max_new_tokens"),
+            image_root=root / t["image_root"] if t.get("image_root") else None,
         )
     if not tasks:
         raise DataError(f"{manifest}: field 'tasks' must list at least one task")

@@ -37,6 +37,13 @@ def load_pretrained(path: Path, dtype: str = "float32"):
     return model, processor
 
 
+def _base_settings(cfg) -> dict:
+    settings = cfg.base.model_dump(mode="json")
+    if settings.get("epochs") is None:  # added later: unset, it must not change existing cache keys
+        settings.pop("epochs", None)
+    return settings
+
+
 def base_key(cfg, bench: Benchmark) -> str:
     """Everything that shapes the starting model, hashed."""
     manifest = json.loads((bench.root / "benchmark.json").read_text())
@@ -46,7 +53,7 @@ def base_key(cfg, bench: Benchmark) -> str:
     return stable_hash(
         {
             "tiny": cfg.model.tiny.model_dump(mode="json"),
-            "base": cfg.base.model_dump(mode="json"),
+            "base": _base_settings(cfg),
             "template": cfg.model.prompt_template,
             "benchmark": manifest,
             "seed": cfg.seed,

@@ -9,7 +9,14 @@ Registry names: vqa, vqa_evalai, exact, contains, choice, numeric, iou, caption.
 """
 
 from mcit.scoring.caption import caption_scores, evaluate_captions, tokenize_fallback, tokenize_ptb
-from mcit.scoring.registry import Scorer, TaskScore, available_scorers, get_scorer, score_task
+from mcit.scoring.registry import (
+    Scorer,
+    TaskScore,
+    available_scorers,
+    check_scorer,
+    get_scorer,
+    score_task,
+)
 from mcit.scoring.simple import (
     choice_score,
     contains_score,
@@ -36,6 +43,7 @@ __all__ = [
     "TaskScore",
     "available_scorers",
     "caption_scores",
+    "check_scorer",
     "choice_score",
     "contains_score",
     "evaluate_captions",

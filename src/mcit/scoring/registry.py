@@ -18,7 +18,7 @@ from mcit.scoring import simple
 from mcit.scoring.caption import CAPTION_METRICS, TOKENIZERS, evaluate_captions
 from mcit.scoring.vqa import vqa_accuracy, vqa_accuracy_evalai
 
-__all__ = ["Scorer", "TaskScore", "available_scorers", "get_scorer", "score_task"]
+__all__ = ["Scorer", "TaskScore", "available_scorers", "check_scorer", "get_scorer", "score_task"]
 
 
 @dataclass
@@ -214,6 +214,11 @@ def get_scorer(name: str) -> Scorer:
             f"unknown scorer {name!r}; available scorers: {', '.join(sorted(_REGISTRY))}"
         )
     return _REGISTRY[name]
+
+
+def check_scorer(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Validate a scorer name and its options up front; returns the options with defaults."""
+    return _resolve_options(get_scorer(name), options)
 
 
 def _resolve_options(scorer: Scorer, options: Mapping[str, Any] | None) -> dict[str, Any]:
