@@ -37,6 +37,9 @@ class Encoder:
     prompt_template: str
     max_length: int  # text tokens; image tokens come on top
     image_cache_size: int = 50_000  # processed images kept in memory (tiny images: ~28 KB each)
+    # placeholder positions after <s> whose input embeddings a prompt method replaces (Fwd-Prompt);
+    # they hold the pad id but are attended to, which tells them apart from padding
+    prefix_tokens: int = 0
 
     def __post_init__(self):
         self.tokenizer = self.processor.tokenizer
@@ -50,13 +53,13 @@ class Encoder:
         prompt = prompt.replace(self.image_token, self.image_token * self.n_image_tokens)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
-        return ([bos] if bos is not None else []) + ids
+        return ([bos] if bos is not None else []) + [self.tokenizer.pad_token_id] * self.prefix_tokens + ids
 
     def train_ids(self, sample: Sample) -> tuple[list[int], list[int]]:
         prompt = self.prompt_ids(sample)
         answer = self.tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"]
         answer = answer + [self.tokenizer.eos_token_id]
-        budget = self.max_length + self.n_image_tokens
+        budget = self.max_length + self.n_image_tokens + self.prefix_tokens
         if len(prompt) >= budget:
             raise DataError(
                 f"sample {sample.id!r} ({sample.task}): the prompt alone is {len(prompt)} tokens, "

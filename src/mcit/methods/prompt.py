@@ -1,0 +1,332 @@
+"""Prompt-pool methods on a frozen MLLM: ``prompt_pool`` (L2P-style) and ``fwd_prompt``
+(Zheng et al., arXiv 2401.09181; our reconstruction, see docs/methods below).
+
+The pool has ``pool_size`` entries, each an image key (vision width), a text key and a prompt
+value (``length`` x the language model's width). For every sample, a frozen query is formed
+from its image (the vision tower's pooled feature) and its instruction (mean input embedding
+of its text tokens); the ``top_k`` entries with the highest cos(image) + cos(text) are
+selected and their prompts replace ``top_k x length`` placeholder positions right after <s>
+(the encoder's ``prefix_tokens``), so training, batched generation and the KV cache all see an
+ordinary, longer prompt. A key-matching loss (1 - cos) pulls the selected keys toward their
+queries. Only the pool trains; the MLLM is frozen; no replay.
+
+``fwd_prompt`` adds gradient projection on the prompt values (GPM-style, in the language
+model's input-embedding space of width d):
+
+- after each task, the input embeddings of ``basis_samples`` of its training samples (text and
+  image tokens, placeholders excluded) extend an orthonormal old-task basis U_old until it
+  captures ``energy`` of their squared norm;
+- once, before the first task, U_pre spans the base model's input embeddings on its
+  pre-training mix (``pretrained_energy``);
+- each step, g_res = g - g U_old U_oldᵀ (``residual``), then
+  g' = P_old⊥(g_res + ``pretrained`` · g_res U_pre U_preᵀ): the pre-trained component of the
+  residual is reinforced, and the result is projected off U_old again so that it stays
+  orthogonal to every old task's subspace.
+
+The public record confirms the two projections and the pool; the energy criterion, the
+weighting and the re-projection are our reconstruction.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from mcit.data.format import Sample
+from mcit.errors import ConfigError, McitError
+from mcit.methods import register
+from mcit.methods.base import Method, MethodOptions, TaskContext
+
+POOL_ATTR = "mcit_prompt_pool"  # the pool's name inside the model: its parameters checkpoint with the model's
+
+
+class PromptPoolOptions(MethodOptions):
+    pool_size: int = Field(10, ge=1, description="entries in the pool")
+    length: int = Field(4, ge=1, description="prompt tokens per entry")
+    top_k: int = Field(2, ge=1, description="entries selected per sample")
+    key_weight: float = Field(0.5, ge=0, description="weight of the key-matching loss (1 - cos)")
+    init_std: float | None = Field(None, gt=0, description="prompt init std (default: the token embeddings' std)")
+
+    @model_validator(mode="after")
+    def _k(self):
+        if self.top_k > self.pool_size:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed pool_size ({self.pool_size})")
+        return self
+
+
+class PromptPool(nn.Module):
+    def __init__(self, size: int, length: int, d_text: int, d_image: int, std: float, generator: torch.Generator):
+        super().__init__()
+        self.prompts = nn.Parameter(torch.randn(size, length, d_text, generator=generator) * std)
+        self.text_keys = nn.Parameter(torch.randn(size, d_text, generator=generator))
+        self.image_keys = nn.Parameter(torch.randn(size, d_image, generator=generator))
+
+
+def _parts(model):
+    """(vision tower, input embedding) of a LLaVA model, unwrapped from PEFT if needed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    tower = getattr(inner, "vision_tower", None) or getattr(base, "vision_tower", None)
+    if tower is None:
+        raise McitError("prompt methods need a LLaVA model with a vision tower")
+    return base, tower, base.get_input_embeddings()
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward pass early."""
+
+
+@register
+class PromptPoolMethod(Method):
+    name = "prompt_pool"
+    Options = PromptPoolOptions
+    summary = "L2P-style multimodal prompt pool on a frozen MLLM: key-matched prompts prepended to the input."
+    paper = "Wang et al., Learning to Prompt (L2P), CVPR 2022; the baseline of Fwd-Prompt"
+
+    def __init__(self, options: PromptPoolOptions):
+        super().__init__(options)
+        self.pool: PromptPool | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (selected entries B x k, placeholder cols B x P)
+        self._key_loss: torch.Tensor | None = None
+        self.last_selection: torch.Tensor | None = None  # for tests and routing statistics
+
+    # --- setup: freeze, add the pool, hook the model ------------------------------------------
+    @property
+    def n_prefix(self) -> int:
+        return self.options.top_k * self.options.length
+
+    def setup(self, model, ctx: TaskContext) -> None:
+        base, tower, embed = _parts(ctx.unwrapped)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        d_text, d_image = embed.weight.shape[1], tower.config.hidden_size
+        std = self.options.init_std or float(embed.weight.detach().float().std())
+        gen = torch.Generator().manual_seed(ctx.seed * 7919 + 17)
+        pool = PromptPool(self.options.pool_size, self.options.length, d_text, d_image, std, gen)
+        self.pool = pool.to(embed.weight.device, embed.weight.dtype)
+        base.add_module(POOL_ATTR, self.pool)
+        self.encoder = ctx.extras["encoder"]
+        self.encoder.prefix_tokens = self.n_prefix
+        self.pad_id = self.encoder.tokenizer.pad_token_id
+        self.image_token_id = self.encoder.tokenizer.convert_tokens_to_ids(self.encoder.image_token)
+        self._tower, self._embed = tower, embed
+        base.register_forward_pre_hook(self._select_hook, with_kwargs=True)
+        embed.register_forward_hook(self._insert_hook)
+
+    # --- selection and insertion --------------------------------------------------------------
+    @torch.no_grad()
+    def queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
+        """The frozen (image, text) query features of a batch."""
+        image_q = self._tower(pixel_values.to(self._embed.weight.dtype)).pooler_output
+        text = (attention_mask.bool() & (input_ids != self.pad_id) & (input_ids != self.image_token_id))
+        bos = self.encoder.tokenizer.bos_token_id
+        if bos is not None:
+            text &= input_ids != bos
+        emb = self._embed.weight[input_ids.clamp(min=0)]
+        w = text.unsqueeze(-1).to(emb.dtype)
+        text_q = (emb * w).sum(1) / w.sum(1).clamp(min=1.0)
+        return image_q, text_q
+
+    def select(self, image_q: torch.Tensor, text_q: torch.Tensor) -> torch.Tensor:
+        """Top-k entries per sample by cos(image, key) + cos(text, key); ties go to the lower index."""
+        pool = self.pool
+        score = nn.functional.normalize(image_q.float(), dim=-1) @ nn.functional.normalize(pool.image_keys.detach().float(), dim=-1).T
+        score = score + nn.functional.normalize(text_q.float(), dim=-1) @ nn.functional.normalize(pool.text_keys.detach().float(), dim=-1).T
+        score = score - 1e-6 * torch.arange(score.shape[1], device=score.device)  # deterministic tie-break
+        return score.topk(self.options.top_k, dim=-1).indices.sort(dim=-1).values
+
+    def _select_hook(self, module, args, kwargs):
+        self._pending, self._key_loss = None, None
+        input_ids, pixel_values = kwargs.get("input_ids"), kwargs.get("pixel_values")
+        mask = kwargs.get("attention_mask")
+        if input_ids is None or pixel_values is None or input_ids.shape[1] <= self.n_prefix:
+            return None  # a decoding step: the prompts are in the KV cache already
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        slots = (input_ids == self.pad_id) & mask.bool()
+        counts = slots.sum(1)
+        if not bool((counts == self.n_prefix).all()):
+            raise McitError(f"prompt placeholders: expected {self.n_prefix} per row, got {counts.tolist()}")
+        cols = slots.nonzero()[:, 1].view(-1, self.n_prefix)
+        image_q, text_q = self.queries(input_ids, mask, pixel_values)
+        chosen = self.select(image_q, text_q)
+        self.last_selection = chosen
+        self._pending = (chosen, cols)
+        if torch.is_grad_enabled() and self.options.key_weight > 0:
+            pool = self.pool
+            cos_i = nn.functional.cosine_similarity(pool.image_keys[chosen], image_q.unsqueeze(1).to(pool.image_keys.dtype), dim=-1)
+            cos_t = nn.functional.cosine_similarity(pool.text_keys[chosen], text_q.unsqueeze(1).to(pool.text_keys.dtype), dim=-1)
+            self._key_loss = ((1 - cos_i) + (1 - cos_t)).sum(1).mean()
+        return None
+
+    def _insert_hook(self, module, args, output):
+        if self._pending is None:
+            return None
+        chosen, cols = self._pending
+        self._pending = None
+        values = self.pool.prompts[chosen].reshape(chosen.shape[0], self.n_prefix, -1).to(output.dtype)
+        rows = torch.arange(chosen.shape[0], device=output.device).unsqueeze(1).expand_as(cols)
+        output = output.clone()
+        output[rows, cols] = values
+        return output
+
+    # --- training ---------------------------------------------------------------------------
+    def extra_loss(self, batch: dict, outputs, ctx: TaskContext) -> torch.Tensor | None:
+        loss, self._key_loss = self._key_loss, None
+        return None if loss is None else self.options.key_weight * loss
+
+    def state_dict(self):
+        return {}, {"prefix_tokens": self.n_prefix}
+
+
+def extend_basis(basis: torch.Tensor | None, rows: torch.Tensor, energy: float) -> torch.Tensor:
+    """GPM: add to the orthonormal ``basis`` (d x r) the fewest singular directions of ``rows``
+    (n x d) beyond it so that the basis captures ``energy`` of the rows' squared norm."""
+    rows = rows.double()
+    d = rows.shape[1]
+    total = float((rows**2).sum())
+    if basis is None or basis.shape[1] == 0:
+        basis = rows.new_zeros(d, 0)
+    basis = basis.double()
+    inside = rows @ basis
+    captured = float((inside**2).sum())
+    residual = rows - inside @ basis.T
+    need = energy * total - captured
+    if need <= 0 or basis.shape[1] >= d:
+        return basis
+    _, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    cum = torch.cumsum(s**2, 0)
+    r = min(int(torch.searchsorted(cum, torch.tensor(need, dtype=cum.dtype)).item()) + 1, d - basis.shape[1], len(s))
+    q, _ = torch.linalg.qr(torch.cat([basis, vh[:r].T], dim=1))
+    return q
+
+
+def project(grad: torch.Tensor, old: torch.Tensor | None, pre: torch.Tensor | None, residual: bool,
+            pretrained: float) -> torch.Tensor:
+    """Fwd-Prompt's projection of prompt gradients (rows in the embedding space), see the module doc."""
+    shape, g = grad.shape, grad.reshape(-1, grad.shape[-1]).double()
+
+    def off_old(x):
+        return x - (x @ old) @ old.T if old is not None and old.shape[1] else x
+
+    g = off_old(g) if residual else g
+    if pretrained and pre is not None and pre.shape[1]:
+        g = g + pretrained * (g @ pre) @ pre.T
+        g = off_old(g) if residual else g
+    return g.to(grad.dtype).reshape(shape)
+
+
+class FwdPromptOptions(PromptPoolOptions):
+    residual: bool = Field(True, description="project prompt gradients off the old tasks' input subspace")
+    pretrained: float = Field(1.0, ge=0, description="weight of the pre-trained-subspace component (0 = off)")
+    energy: float = Field(0.95, gt=0, le=1, description="energy threshold of each task's basis (GPM)")
+    pretrained_energy: float = Field(0.9, gt=0, le=1, description="energy threshold of the pre-trained basis")
+    basis_samples: int = Field(64, ge=1, description="training samples per task whose input embeddings form its basis")
+    pretrained_data: list[str] | None = Field(
+        None, description="base-mix parts or tasks for the pre-trained subspace (default: the config's base.mix)"
+    )
+
+
+@register
+class FwdPrompt(PromptPoolMethod):
+    name = "fwd_prompt"
+    Options = FwdPromptOptions
+    summary = ("Fwd-Prompt: prompt pool whose gradients are projected off old tasks' input subspaces "
+               "and onto the pre-trained subspace (our reconstruction).")
+    paper = "Zheng et al., Beyond Anti-Forgetting: Multimodal Continual Instruction Tuning with Positive Forward Transfer, arXiv 2401.09181"
+
+    def __init__(self, options: FwdPromptOptions):
+        super().__init__(options)
+        self.old_basis: torch.Tensor | None = None
+        self.pre_basis: torch.Tensor | None = None
+
+    def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
+        if self.pre_basis is None and self.options.pretrained > 0:
+            self.pre_basis = extend_basis(None, self.embeddings(self._pretrained_samples(ctx), ctx),
+                                          self.options.pretrained_energy)
+
+    def after_task(self, task: str, ctx: TaskContext) -> None:
+        if self.options.residual:
+            data = ctx.train_data[task]
+            self.old_basis = extend_basis(self.old_basis, self.embeddings(self._sample(data, ctx), ctx),
+                                          self.options.energy)
+
+    def before_step(self, ctx: TaskContext) -> None:
+        grad = self.pool.prompts.grad
+        if grad is not None:
+            self.pool.prompts.grad = project(grad, self.old_basis, self.pre_basis, self.options.residual,
+                                             self.options.pretrained)
+
+    # --- the embeddings the prompts interact with ---------------------------------------------
+    def _sample(self, data: list[Sample], ctx: TaskContext) -> list[Sample]:
+        g = torch.Generator().manual_seed(ctx.seed * 1009 + 1)
+        n = min(self.options.basis_samples, len(data))
+        return [data[i] for i in torch.randperm(len(data), generator=g)[:n].tolist()]
+
+    def _pretrained_samples(self, ctx: TaskContext) -> list[Sample]:
+        from mcit.models.load import base_mix
+
+        bench = ctx.extras.get("benchmark")
+        parts = self.options.pretrained_data or list(ctx.config.base.mix)
+        if bench is None:
+            raise McitError("fwd_prompt needs the benchmark in the run context for its pre-trained subspace")
+        missing = [p for p in parts if p not in bench.base and p not in bench.tasks]
+        if missing:
+            raise ConfigError(
+                f"method.pretrained_data: {missing} are neither base-mix parts ({', '.join(bench.base) or 'none'}) "
+                f"nor tasks of benchmark {bench.name!r}; name the general data the base model saw"
+            )
+        cfg = ctx.config.model_copy(update={"base": ctx.config.base.model_copy(update={"mix": dict.fromkeys(parts, 1.0)})})
+        samples, _ = base_mix(cfg, bench)
+        return self._sample(samples, ctx)
+
+    @torch.no_grad()
+    def embeddings(self, samples: list[Sample], ctx: TaskContext, batch_size: int = 16) -> torch.Tensor:
+        """The language model's input embeddings (text and image tokens, attended, placeholders and
+        padding excluded) of ``samples``, as rows: captured at the language model's input."""
+        base, _, _ = _parts(ctx.unwrapped)
+        lm = base.model.language_model if hasattr(base.model, "language_model") else base.language_model
+        captured: list[torch.Tensor] = []
+
+        def grab(module, args, kwargs):
+            captured.append(kwargs["inputs_embeds"].detach())
+            raise _Stop
+
+        handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+        rows = []
+        was_training = base.training
+        base.eval()
+        try:
+            for start in range(0, len(samples), batch_size):
+                batch = self.encoder.generation_batch(samples[start : start + batch_size])
+                batch = {k: v.to(self._embed.weight.device) for k, v in batch.items()}
+                try:
+                    base(**batch)
+                except _Stop:
+                    pass
+                emb = captured.pop()
+                keep = batch["attention_mask"].bool() & (batch["input_ids"] != self.pad_id)
+                rows.append(emb[keep].float().cpu())
+        finally:
+            handle.remove()
+            base.train(was_training)
+        return torch.cat(rows)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state_dict(self):
+        tensors = {}
+        if self.old_basis is not None:
+            tensors["old_basis"] = self.old_basis.contiguous()
+        if self.pre_basis is not None:
+            tensors["pre_basis"] = self.pre_basis.contiguous()
+        return tensors, {"prefix_tokens": self.n_prefix,
+                         "old_rank": 0 if self.old_basis is None else self.old_basis.shape[1],
+                         "pre_rank": 0 if self.pre_basis is None else self.pre_basis.shape[1]}
+
+    def load_state_dict(self, tensors, meta) -> None:
+        self.old_basis = tensors.get("old_basis")
+        self.pre_basis = tensors.get("pre_basis")
+
+
+__all__ = ["FwdPrompt", "PromptPool", "PromptPoolMethod", "extend_basis", "project"]
