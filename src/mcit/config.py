@@ -89,7 +89,11 @@ class ModelConfig(Strict):
     tuning: Literal["full", "lora", "projector"] = "full"
     lora: LoraConfig = LoraConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # hf: when not set, the processor's chat template gives the prompt format (if it has one)
     prompt_template: str = "USER: {question} ASSISTANT:"
+    gradient_checkpointing: bool = False  # hf: trade compute for activation memory
+    train_projector: bool = False  # lora: also train the vision-language projector (LLaVA-1.5 LoRA recipe)
+    max_length: int = Field(2048, ge=8)  # hf: text tokens per sequence (tiny: tiny.max_length)
 
     @model_validator(mode="after")
     def _path_for_hf(self):

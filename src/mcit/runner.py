@@ -24,7 +24,7 @@ from mcit.errors import ConfigError, McitError
 from mcit.evaluate import evaluate_task
 from mcit.methods import TaskContext, get_method
 from mcit.models.encode import Encoder
-from mcit.models.load import starting_model
+from mcit.models.load import prompt_template, starting_model
 from mcit.models.tuning import apply_tuning, load_trainable_state, trainable_state
 from mcit.progress import console
 from mcit.train import train_stage
@@ -122,8 +122,9 @@ def prepare_model(cfg: RunConfig, bench: Benchmark, cache_dir: Path, accelerator
                   show_progress: bool = True):
     """The starting model with its tuning mode applied, its encoder, and the methods' context."""
     model, processor = starting_model(cfg, bench, cache_dir, accelerator, show_progress)
-    encoder = Encoder(processor, cfg.model.prompt_template, cfg.model.tiny.max_length)
-    model = apply_tuning(model, cfg.model.tuning, cfg.model.lora).to(accelerator.device)
+    max_length = cfg.model.tiny.max_length if cfg.model.kind == "tiny" else cfg.model.max_length
+    encoder = Encoder(processor, prompt_template(cfg, processor), max_length)
+    model = apply_tuning(model, cfg.model.tuning, cfg.model.lora, cfg.model.train_projector).to(accelerator.device)
     ctx = TaskContext(model, accelerator, cfg, tasks, train, seed=cfg.seed)
     ctx.extras["encoder"] = encoder
     ctx.extras["benchmark"] = bench

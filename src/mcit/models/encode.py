@@ -49,7 +49,10 @@ class Encoder:
 
     # --- text ---------------------------------------------------------------------------
     def prompt_ids(self, sample: Sample) -> list[int]:
-        prompt = self.prompt_template.format(question=f"{self.image_token}\n{sample.question}")
+        if self.image_token in self.prompt_template:  # a chat template places the image itself
+            prompt = self.prompt_template.format(question=sample.question)
+        else:
+            prompt = self.prompt_template.format(question=f"{self.image_token}\n{sample.question}")
         prompt = prompt.replace(self.image_token, self.image_token * self.n_image_tokens)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id

@@ -23,18 +23,74 @@ from mcit.utils import atomic_write_json, stable_hash
 DONE = "mcit_base.json"
 
 
-def load_pretrained(path: Path, dtype: str = "float32"):
+# A llava-hf style checkpoint folder: each requirement is satisfied by any one of its files.
+HF_REQUIRED = {
+    "model config": ("config.json",),
+    "weights": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    "tokenizer": ("tokenizer.json", "tokenizer.model"),
+    "image processor": ("preprocessor_config.json", "processor_config.json"),
+}
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """A clear error naming what a local checkpoint folder lacks (no hub access is ever tried)."""
+    if not path.is_dir():
+        raise ConfigError(f"model.path: {path} is not a folder (expected a llava-hf style checkpoint folder)")
+    missing = [f"{what} ({' or '.join(files)})" for what, files in HF_REQUIRED.items()
+               if not any((path / f).is_file() for f in files)]
+    index = next((path / f for f in HF_REQUIRED["weights"] if f.endswith(".index.json") and (path / f).is_file()), None)
+    if index is not None:
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise ConfigError(f"model.path: {index} is not a weight index (no 'weight_map')") from None
+        missing += [f"weight shard {s}" for s in shards if not (path / s).is_file()]
+    if missing:
+        raise ConfigError(f"model.path: {path} is incomplete; missing: {'; '.join(missing)}")
+
+
+def load_pretrained(path: Path, dtype: str = "float32", gradient_checkpointing: bool = False):
+    import os
+
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-    if not path.is_dir():
-        raise ConfigError(f"model.path: {path} is not a folder with a checkpoint")
+    check_checkpoint_dir(path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never reach for the hub
     try:
-        processor = LlavaProcessor.from_pretrained(path)
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as e:
+        processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"model.path: cannot load a LLaVA checkpoint from {path}: {e}") from None
+    if gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # adapters on a frozen embedding still need activations' grads
     model.eval()
     return model, processor
+
+
+def prompt_template(cfg, processor) -> str:
+    """The prompt format: ``model.prompt_template`` if the config sets it (or the model is tiny),
+    else, for hf checkpoints, the processor's chat template rendered around ``{question}``."""
+    chat = getattr(processor, "chat_template", None)
+    if cfg.model.kind != "hf" or "prompt_template" in cfg.model.model_fields_set or not chat:
+        return cfg.model.prompt_template
+    sentinel = "\x00QUESTION\x00"
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sentinel}]}]
+    try:
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # a template that cannot render one user turn: say so, let the user set it
+        raise ConfigError(f"model.path: the processor's chat template cannot render a prompt ({e}); "
+                          "set model.prompt_template") from None
+    bos = processor.tokenizer.bos_token
+    if bos and text.startswith(bos):
+        text = text[len(bos):]  # the encoder adds <s> itself
+    text = text.replace("{", "{{").replace("}", "}}").replace(sentinel, "{question}")
+    if "{question}" not in text:
+        raise ConfigError("model.path: the chat template dropped the question; set model.prompt_template")
+    return text.rstrip()
 
 
 def _base_settings(cfg) -> dict:
@@ -136,4 +192,4 @@ def starting_model(cfg, bench: Benchmark, cache_dir: Path, accelerator, show_pro
         path = ensure_tiny_base(cfg, bench, cache_dir, accelerator, show_progress)
     else:
         path = cfg.model.path
-    return load_pretrained(Path(path), cfg.model.dtype)
+    return load_pretrained(Path(path), cfg.model.dtype, cfg.model.kind == "hf" and cfg.model.gradient_checkpointing)

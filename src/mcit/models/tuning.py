@@ -16,7 +16,7 @@ PROJECTOR = "multi_modal_projector"
 VISION = "vision_tower"
 
 
-def apply_tuning(model, mode: str, lora_cfg=None):
+def apply_tuning(model, mode: str, lora_cfg=None, train_projector: bool = False):
     for p in model.parameters():
         p.requires_grad_(False)
     if mode == "full":
@@ -47,7 +47,12 @@ def apply_tuning(model, mode: str, lora_cfg=None):
             target_modules=pattern,
             bias="none",
         )
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+        if train_projector:  # LLaVA-1.5's LoRA recipe trains the projector in full alongside the adapters
+            for name, p in model.named_parameters():
+                if PROJECTOR in name and "lora_" not in name:
+                    p.requires_grad_(True)
+        return model
     raise ConfigError(f"model.tuning: unknown mode {mode!r}; allowed: full, lora, projector")
 
 
