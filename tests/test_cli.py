@@ -123,7 +123,8 @@ def test_every_shipped_config_validates():
     from mcit.methods import get_method
     from mcit.runner import build_method
 
-    configs = sorted(p for p in SMOKE.parents[1].glob("*/*.yaml") if not p.name.startswith("_"))
+    configs = sorted(p for p in SMOKE.parents[1].glob("*/*.yaml")
+                     if not p.name.startswith("_") and p.parent.name != "accelerate")
     assert len(configs) >= 12 + 5 * 8
     for path in configs:
         cfg = load_config(path, [])

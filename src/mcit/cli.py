@@ -21,6 +21,19 @@ app.add_typer(bench_app, name="bench")
 out = Console()
 
 
+def _drop_option(args: list[str], name: str) -> list[str]:
+    """``args`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
@@ -39,9 +52,19 @@ def run(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<config name>)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished task")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
+    num_processes: Annotated[int, typer.Option("--num-processes", help="Data-parallel processes on this machine (gloo on CPU, NCCL on GPUs); for several machines use accelerate launch")] = 1,
 ):
     """Train a task stream and evaluate every task after each one."""
     from mcit.config import load_config
+
+    if num_processes < 1:
+        raise McitError(f"--num-processes: expected at least 1, got {num_processes}")
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        load_config(config, set_ or [])  # a bad config fails here, once, not in every process
+        from mcit.launch import launch_local
+
+        args = sys.argv[sys.argv.index("run"):]
+        raise typer.Exit(launch_local(_drop_option(args, "--num-processes"), num_processes))
 
     cfg = load_config(config, set_ or [])
     _quiet_libraries()
@@ -50,6 +73,8 @@ def run(
 
     target = out_dir or Path("runs") / (cfg.name or config.stem)
     results = run_stream(cfg, target, resume=resume, show_progress=not quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return  # one summary, from the main process
     table = Table(title=f"{results['method']} on {results['benchmark']}: {target}")
     for m in METRICS:
         table.add_column(m, justify="right")

@@ -44,11 +44,27 @@ def generate(model, encoder, samples: list[Sample], batch_size: int, max_new_tok
     return predictions
 
 
-def evaluate_task(model, encoder, spec: TaskSpec, samples: list[Sample], eval_cfg, device, method=None, ctx=None) -> TaskEval:
+def evaluate_task(model, encoder, spec: TaskSpec, samples: list[Sample], eval_cfg, device, method=None, ctx=None,
+                  accelerator=None) -> TaskEval:
+    """Generate and score one task. With several processes each generates for every world-th
+    sample and the predictions are gathered back into order, so every process scores the same."""
     from mcit.scoring import score_task
 
     max_new = spec.max_new_tokens or eval_cfg.max_new_tokens
-    preds = generate(model, encoder, samples, eval_cfg.batch_size, max_new, device, method, ctx)
+    world = accelerator.num_processes if accelerator is not None else 1
+    if world == 1:
+        preds = generate(model, encoder, samples, eval_cfg.batch_size, max_new, device, method, ctx)
+    else:
+        from accelerate.utils import gather_object
+
+        rank = accelerator.process_index
+        local = generate(model, encoder, samples[rank::world], eval_cfg.batch_size, max_new, device, method, ctx)
+        flat = gather_object(local)  # rank 0's predictions, then rank 1's, ...
+        preds, start = [""] * len(samples), 0
+        for r in range(world):
+            n = len(samples[r::world])
+            preds[r::world] = flat[start : start + n]
+            start += n
     result = score_task(spec.scorer, preds, [s.references for s in samples], spec.scorer_options)
     per_sample = result.per_sample or [None] * len(preds)
     rows = [

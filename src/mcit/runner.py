@@ -107,9 +107,12 @@ def build_method(spec: dict):
 
 
 def make_accelerator(cfg: RunConfig):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    return Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
+    # Some trainable parameters get no gradient on a given batch (p.grad is None): DDP must allow it.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
+                       kwargs_handlers=[ddp])
 
 
 def load_split(cfg: RunConfig, bench: Benchmark, tasks: list[str], split: str) -> dict:
@@ -121,7 +124,8 @@ def load_split(cfg: RunConfig, bench: Benchmark, tasks: list[str], split: str) -
 def prepare_model(cfg: RunConfig, bench: Benchmark, cache_dir: Path, accelerator, train: dict, tasks: list[str],
                   show_progress: bool = True):
     """The starting model with its tuning mode applied, its encoder, and the methods' context."""
-    model, processor = starting_model(cfg, bench, cache_dir, accelerator, show_progress)
+    with accelerator.main_process_first():  # the main process builds and caches a tiny base; the others load it
+        model, processor = starting_model(cfg, bench, cache_dir, accelerator, show_progress and accelerator.is_main_process)
     max_length = cfg.model.tiny.max_length if cfg.model.kind == "tiny" else cfg.model.max_length
     encoder = Encoder(processor, prompt_template(cfg, processor), max_length)
     model = apply_tuning(model, cfg.model.tuning, cfg.model.lora, cfg.model.train_projector).to(accelerator.device)
@@ -176,6 +180,14 @@ class Run:
         return None
 
     def _save_stage(self, stage: int, label: str, state: dict, evals, method) -> None:
+        """Checkpoint, predictions and state of a finished row: written by the main process only."""
+        if self.accelerator.is_main_process:
+            self._write_stage(stage, label, state, evals, method)
+        elif stage > 0 and method.schedule != "none":
+            state["checkpoint"] = f"checkpoints/stage_{stage:02d}_{label}"
+        self.accelerator.wait_for_everyone()
+
+    def _write_stage(self, stage: int, label: str, state: dict, evals, method) -> None:
         from safetensors.torch import save_file
 
         if stage > 0 and method.schedule != "none":
@@ -183,7 +195,7 @@ class Run:
             tmp = ckpt.with_name(ckpt.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
+            save_file(trainable_state(self.accelerator.unwrap_model(self.model)), str(tmp / "trainable.safetensors"))
             tensors, meta = method.state_dict()
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "method.safetensors"))
             atomic_write_json(tmp / "method.json", meta)
@@ -202,17 +214,18 @@ class Run:
         if not ckpt:
             return
         ckpt = self.out / ckpt
-        load_trainable_state(self.model, load_file(str(ckpt / "trainable.safetensors")))
+        load_trainable_state(self.accelerator.unwrap_model(self.model), load_file(str(ckpt / "trainable.safetensors")))
         method.load_state_dict(load_file(str(ckpt / "method.safetensors")), json.loads((ckpt / "method.json").read_text()))
 
     # --- the run --------------------------------------------------------------------------
     def evaluate_all(self, method, ctx, row_label: str):
         evals = []
         t0 = time.perf_counter()
+        model = self.accelerator.unwrap_model(self.model)  # generation runs on the bare model
         for name in self.tasks:
             evals.append(
-                evaluate_task(self.model, self.encoder, self.bench.task(name), self.test[name], self.cfg.eval,
-                              self.accelerator.device, method, ctx)
+                evaluate_task(model, self.encoder, self.bench.task(name), self.test[name], self.cfg.eval,
+                              self.accelerator.device, method, ctx, accelerator=self.accelerator)
             )
         seconds = time.perf_counter() - t0
         if self.show:
@@ -224,7 +237,9 @@ class Run:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.accelerator = make_accelerator(cfg)
         state = self._check_out_dir()
+        self.accelerator.wait_for_everyone()  # every process has looked before the main one writes
         method = build_method(cfg.method)
         self.bench = prepare_benchmark(cfg, self.cache_dir, self.show)
         self.tasks = stream_tasks(cfg, self.bench)
@@ -232,9 +247,10 @@ class Run:
         self.train = load_split(cfg, self.bench, self.tasks, "train")
         self.test = load_split(cfg, self.bench, self.tasks, "test")
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.yaml", dump_config(cfg))
-        self.accelerator = make_accelerator(cfg)
+        self.show = self.show and self.accelerator.is_main_process
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.yaml", dump_config(cfg))
         self.model, self.encoder, ctx = prepare_model(cfg, self.bench, self.cache_dir, self.accelerator, self.train,
                                                       self.tasks, self.show)
         method.setup(self.model, ctx)
@@ -277,7 +293,9 @@ class Run:
         results = self._results(state, method)
         from mcit.report import write_run_report
 
-        write_run_report(self.out, results)
+        if self.accelerator.is_main_process:
+            write_run_report(self.out, results)
+        self.accelerator.wait_for_everyone()
         return results
 
     def _stages(self, method) -> list[tuple[str, list[str]]]:
@@ -299,8 +317,9 @@ class Run:
 
         sizes = {t: len(self.test[t]) for t in self.tasks}
         tensors, _ = method.state_dict()
-        total_params = sum(p.numel() for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        model = self.accelerator.unwrap_model(self.model)
+        total_params = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {
             "schema": 1,
             "benchmark": self.bench.name,
@@ -324,7 +343,8 @@ class Run:
                 "peak_rss_mb": round(_peak_rss_mb(), 1),
                 "method_state_mb": round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20, 3),
             },
-            "environment": {**environment_info(str(self.accelerator.device)), "seed": self.cfg.seed},
+            "environment": {**environment_info(str(self.accelerator.device)), "seed": self.cfg.seed,
+                            "processes": self.accelerator.num_processes},
             "row_labels": state["row_labels"],
             "details": state["details"],
             "scorer_info": state.get("scorer_info", {}),

@@ -16,6 +16,7 @@ import torch
 
 from mcit.data.format import Sample
 from mcit.errors import McitError
+from mcit.models.encode import IGNORE_INDEX
 from mcit.progress import progress_bar
 
 
@@ -60,6 +61,24 @@ class StageStats:
     seconds: float = 0.0
     step_ms: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+
+
+class SingleProcess:
+    """The parts of an Accelerator the trainer uses, for work one process does alone (the tiny
+    base model, built by the main process while the others wait)."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+    @staticmethod
+    def clip_grad_norm_(params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 class StageTrainer:
@@ -107,6 +126,13 @@ class StageTrainer:
                 ctx.batch_samples = local
             outputs = self.model(**batch)
             loss = outputs.loss
+            if self.world > 1:
+                # The loss is a mean over this process's answer tokens and DDP averages gradients over
+                # processes; weighting by the token share makes the step the global token mean, as
+                # with one process on the whole batch.
+                tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+                total_tokens = self.accelerator.reduce(tokens.clone(), "sum")
+                loss = loss * tokens * self.world / total_tokens.clamp(min=1)
             if method is not None:
                 extra = method.extra_loss(batch, outputs, ctx)
                 if extra is not None:

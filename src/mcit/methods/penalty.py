@@ -81,8 +81,12 @@ class ImportancePenalty(Method):
         was_training = model.training
         model.eval()
         bs = self.options.batch_size
+        world = getattr(ctx.accelerator, "num_processes", 1)
+        rank = getattr(ctx.accelerator, "process_index", 0)
         passes = 0
-        for i in range(0, len(samples), bs):
+        for k, i in enumerate(range(0, len(samples), bs)):
+            if k % world != rank:  # with several processes each takes every world-th batch; summed below
+                continue
             batch = {k: v.to(ctx.accelerator.device) for k, v in encoder.train_batch(samples[i : i + bs]).items()}
             model.zero_grad(set_to_none=True)
             self.objective(batch, model(**batch)).backward()
@@ -92,6 +96,9 @@ class ImportancePenalty(Method):
             passes += 1
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+        if world > 1:
+            importance = {n: ctx.accelerator.reduce(v, "sum") for n, v in importance.items()}
+            passes = int(ctx.accelerator.reduce(torch.tensor(passes, device=ctx.accelerator.device), "sum"))
         for n in importance:
             importance[n] /= max(1, passes)
         return self.normalized(importance)

@@ -150,7 +150,7 @@ def ensure_tiny_base(cfg, bench: Benchmark, cache_dir: Path, accelerator, show_p
     from mcit.models.encode import Encoder
     from mcit.models.tiny import build_tiny_llava, build_word_tokenizer
     from mcit.models.tuning import apply_tuning
-    from mcit.train import train_stage
+    from mcit.train import SingleProcess, train_stage
 
     key = base_key(cfg, bench)
     out = cache_dir / "base" / key
@@ -167,7 +167,7 @@ def ensure_tiny_base(cfg, bench: Benchmark, cache_dir: Path, accelerator, show_p
             p.requires_grad_(True)
         encoder = Encoder(processor, cfg.model.prompt_template, cfg.model.tiny.max_length)
         stats = train_stage(
-            model.to(accelerator.device), encoder, samples, cfg.base, accelerator, seed=cfg.seed,
+            model.to(accelerator.device), encoder, samples, cfg.base, SingleProcess(accelerator.device), seed=cfg.seed,
             weights=weights, desc="base", show_progress=show_progress,
         )
     model = model.to("cpu")
