@@ -111,3 +111,54 @@ def test_non_finite_loss_stops_with_a_clear_error(smoke_cfg, tmp_path, monkeypat
         run(smoke_cfg(), tmp_path / "nan", show_progress=False)
     # the zero-shot row was finished and kept
     assert len(json.loads((tmp_path / "nan" / "state.json").read_text())["rows"]) == 1
+
+
+def test_trackers_log_losses_rows_and_metrics(smoke_cfg, tmp_path, monkeypatch):
+    """What the runner sends to accelerate's trackers (a capturing tracker stands in for TensorBoard)."""
+    from accelerate.tracking import GeneralTracker
+
+    import mcit.runner as runner
+
+    logged, configs = [], []
+
+    class Capture(GeneralTracker):
+        name, requires_logging_directory, main_process_only = "capture", False, True
+
+        def __init__(self):
+            super().__init__()
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            configs.append(values)
+
+        def log(self, values, step=None, **kwargs):
+            logged.append((step, dict(values)))
+
+    monkeypatch.setattr(runner, "resolve_trackers", lambda names: [Capture()])
+    res = runner.run(smoke_cfg("log_every=5"), tmp_path / "run", show_progress=False)
+    assert configs and configs[0]["method/name"] == "seqft" and configs[0]["train/steps"] == 10
+    losses = [(s, v) for s, v in logged if "train/loss" in v]
+    assert [s for s, _ in losses] == [5, 10, 15, 20, 25, 30] and losses[0][1]["train/lr"] > 0  # cosine: 0 at the end
+    rows = [v for _, v in logged if "eval/row" in v]
+    assert [r["eval/row"] for r in rows] == [0, 1, 2, 3]
+    assert [[r[f"eval/{t}"] for t in res["tasks"]] for r in rows] == res["matrix"]
+    final = logged[-1][1]
+    assert final["metrics/MFN"] == res["metrics"]["MFN"]
+
+
+def test_tracker_names_are_checked(monkeypatch):
+    import accelerate.utils
+
+    from mcit.errors import ConfigError
+    from mcit.runner import resolve_trackers
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    assert resolve_trackers(["auto"]) == []
+    with pytest.raises(ConfigError, match="'wandb' is not installed"):
+        resolve_trackers(["wandb"])
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: True)
+    assert resolve_trackers(["auto", "tensorboard"]) == ["tensorboard"]

@@ -155,6 +155,9 @@ class RunConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cache_dir: Path | None = None  # default: $MCIT_CACHE or ~/.cache/mcit
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default
+    # accelerate trackers: "auto" = TensorBoard when installed; or any of tensorboard, wandb, mlflow
+    trackers: list[Literal["auto", "tensorboard", "wandb", "mlflow"]] = ["auto"]
+    log_every: int = Field(10, ge=1)  # training steps between tracked loss / learning-rate points
 
     @model_validator(mode="after")
     def _method(self):

@@ -43,7 +43,8 @@ STATE = "state.json"
 def config_hash(cfg: RunConfig) -> str:
     data = cfg.model_dump(mode="json")
     data.pop("name", None)
-    data.pop("threads", None)  # how fast, not what
+    for key in ("threads", "trackers", "log_every"):  # how fast or how logged, not what
+        data.pop(key, None)
     return stable_hash(data)
 
 
@@ -106,13 +107,45 @@ def build_method(spec: dict):
     return cls(cls.Options.model_validate({k: v for k, v in spec.items() if k != "name"}))
 
 
-def make_accelerator(cfg: RunConfig):
+def resolve_trackers(names: list[str]) -> list:
+    """accelerate tracker names for ``trackers``: "auto" is TensorBoard if installed, else nothing."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    out = []
+    for name in names:
+        if name == "auto":
+            if is_tensorboard_available():
+                out.append("tensorboard")
+        elif not available[name]():
+            raise ConfigError(f"trackers: {name!r} is not installed (pip install {name})")
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def make_accelerator(cfg: RunConfig, tracking_dir: Path | None = None):
+    """The run's Accelerator; with ``tracking_dir``, the configured trackers log there."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     # Some trainable parameters get no gradient on a given batch (p.grad is None): DDP must allow it.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    trackers = resolve_trackers(cfg.trackers) if tracking_dir is not None else []
     return Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
-                       kwargs_handlers=[ddp])
+                       kwargs_handlers=[ddp], log_with=trackers or None,
+                       project_dir=str(tracking_dir) if trackers else None)
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """A config as flat scalars (what every tracker accepts as hyperparameters)."""
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{key}/"))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
 
 
 def load_split(cfg: RunConfig, bench: Benchmark, tasks: list[str], split: str) -> dict:
@@ -237,7 +270,7 @@ class Run:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.accelerator = make_accelerator(cfg)
+        self.accelerator = make_accelerator(cfg, self.out / "tracking")
         state = self._check_out_dir()
         self.accelerator.wait_for_everyone()  # every process has looked before the main one writes
         method = build_method(cfg.method)
@@ -248,6 +281,9 @@ class Run:
         self.test = load_split(cfg, self.bench, self.tasks, "test")
 
         self.show = self.show and self.accelerator.is_main_process
+        self.tracking = bool(self.accelerator.trackers) or bool(self.accelerator.log_with)
+        if self.tracking:
+            self.accelerator.init_trackers(cfg.name or "mcit", config=_flat(cfg.model_dump(mode="json")))
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", dump_config(cfg))
@@ -280,7 +316,8 @@ class Run:
                 steps = int(round(method.options.steps_factor * steps * tasks_factor))
             stats = train_stage(self.model, self.encoder, samples, cfg.train, self.accelerator, ctx.seed, method, ctx,
                                 weights=weights, steps=steps, desc=f"task {stage}/{len(stages)} {label}",
-                                show_progress=self.show)
+                                show_progress=self.show,
+                                log=(state["steps"], cfg.log_every) if self.tracking else None)
             one_off += end_stage(method, ctx, label)
             state["method_s"] = state.get("method_s", 0.0) + one_off  # .get: state files from before method_s
             evals, secs = self.evaluate_all(method, ctx, f"row {stage} (after {label})")
@@ -295,6 +332,10 @@ class Run:
 
         if self.accelerator.is_main_process:
             write_run_report(self.out, results)
+        if self.tracking:
+            self.accelerator.log({f"metrics/{k}": v for k, v in results["metrics"].items() if v is not None},
+                                 step=state["steps"])
+            self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
         return results
 
@@ -306,6 +347,9 @@ class Run:
         return [(t, [t]) for t in self.tasks]
 
     def _record_row(self, state: dict, label: str, evals, seconds: float) -> None:
+        if self.tracking:  # one point per task per row, at the training steps done so far
+            self.accelerator.log({f"eval/{e.task}": e.headline for e in evals} | {"eval/row": len(state["rows"])},
+                                 step=state["steps"])
         state["rows"].append([e.headline for e in evals])
         state["row_labels"].append(label)
         state["details"].append({e.task: e.details for e in evals})

@@ -170,9 +170,11 @@ def train_stage(
     steps: int | None = None,
     desc: str = "train",
     show_progress: bool = True,
+    log: tuple[int, int] | None = None,
 ) -> StageStats:
     """Train ``model`` for ``steps`` optimiser steps on ``samples`` (default: ``optim.steps``, or
-    ``optim.epochs`` passes over ``samples`` when that is set)."""
+    ``optim.epochs`` passes over ``samples`` when that is set). ``log = (offset, every)`` sends the
+    loss and learning rate to the accelerator's trackers every ``every`` steps."""
     steps = optim.steps_for(len(samples)) if steps is None else steps
     stats = StageStats()
     if steps == 0 or not samples:
@@ -184,6 +186,9 @@ def train_stage(
         for _ in range(steps):
             t0 = time.perf_counter()
             total = trainer.step()
+            if log is not None and trainer.done % log[1] == 0:  # (global step offset, every): to the trackers
+                accelerator.log({"train/loss": total, "train/lr": trainer.scheduler.get_last_lr()[0]},
+                                step=log[0] + trainer.done)
             stats.losses.append(total)
             stats.step_ms.append((time.perf_counter() - t0) * 1000)
             bar.advance(loss=total)
