@@ -109,8 +109,21 @@ def test_batched_generation_with_prompts_matches_one_by_one(tmp_path):
     torch.manual_seed(1)
     with torch.no_grad():
         m.pool.prompts.mul_(50)  # make the prompts matter for the output
-    together = generate(model, enc, samples, 2, 6, torch.device("cpu"))
-    alone = [generate(model, enc, [s], 1, 6, torch.device("cpu"))[0] for s in samples]
+    seen = []
+    lm = model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["inputs_embeds"].detach().clone()),
+                                          with_kwargs=True)
+    together = generate(model, enc, samples, 2, 6, torch.device("cpu"), m, ctx)
+    handle.remove()
+    prefill = seen[0]  # left-padded: each row's placeholders sit right after its <s>
+    batch = enc.generation_batch(samples)
+    for row in range(2):
+        start = int((batch["attention_mask"][row] == 0).sum()) + 1
+        got = prefill[row, start : start + 4]
+        assert any(torch.allclose(got, m.pool.prompts[list(c)].reshape(4, -1))
+                   for c in [(i, j) for i in range(4) for j in range(i + 1, 4)]), "prompts not in the prefill"
+    assert all(e.shape[1] == 1 for e in seen[1:])  # decoding steps reuse the cache
+    alone = [generate(model, enc, [s], 1, 6, torch.device("cpu"), m, ctx)[0] for s in samples]
     assert together == alone
 
 

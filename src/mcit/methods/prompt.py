@@ -89,6 +89,7 @@ class PromptPoolMethod(Method):
         self.pool: PromptPool | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (selected entries B x k, placeholder cols B x P)
         self._key_loss: torch.Tensor | None = None
+        self._routed: torch.Tensor | None = None  # the selection route() made for the next generation batch
         self.last_selection: torch.Tensor | None = None  # for tests and routing statistics
 
     # --- setup: freeze, add the pool, hook the model ------------------------------------------
@@ -111,7 +112,12 @@ class PromptPoolMethod(Method):
         self.pad_id = self.encoder.tokenizer.pad_token_id
         self.image_token_id = self.encoder.tokenizer.convert_tokens_to_ids(self.encoder.image_token)
         self._tower, self._embed = tower, embed
-        base.register_forward_pre_hook(self._select_hook, with_kwargs=True)
+        # On the inner LlavaModel: generate() may call the outer model's forward directly (no hooks),
+        # but the outer forward always calls the inner model as a module.
+        inner = getattr(base, "model", None)
+        if inner is None or not hasattr(inner, "language_model"):
+            raise McitError("prompt methods need a LLaVA model (LlavaForConditionalGeneration with .model)")
+        inner.register_forward_pre_hook(self._select_hook, with_kwargs=True)
         embed.register_forward_hook(self._insert_hook)
 
     # --- selection and insertion --------------------------------------------------------------
@@ -136,23 +142,39 @@ class PromptPoolMethod(Method):
         score = score - 1e-6 * torch.arange(score.shape[1], device=score.device)  # deterministic tie-break
         return score.topk(self.options.top_k, dim=-1).indices.sort(dim=-1).values
 
-    def _select_hook(self, module, args, kwargs):
-        self._pending, self._key_loss = None, None
-        input_ids, pixel_values = kwargs.get("input_ids"), kwargs.get("pixel_values")
-        mask = kwargs.get("attention_mask")
-        if input_ids is None or pixel_values is None or input_ids.shape[1] <= self.n_prefix:
-            return None  # a decoding step: the prompts are in the KV cache already
-        if mask is None:
-            mask = torch.ones_like(input_ids)
+    def _placeholders(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         slots = (input_ids == self.pad_id) & mask.bool()
         counts = slots.sum(1)
         if not bool((counts == self.n_prefix).all()):
             raise McitError(f"prompt placeholders: expected {self.n_prefix} per row, got {counts.tolist()}")
-        cols = slots.nonzero()[:, 1].view(-1, self.n_prefix)
-        image_q, text_q = self.queries(input_ids, mask, pixel_values)
-        chosen = self.select(image_q, text_q)
+        return slots.nonzero()[:, 1].view(-1, self.n_prefix)
+
+    def route(self, batch: dict, ctx: TaskContext) -> None:
+        """Select the prompts of a generation batch (generate() may hand the model precomputed image
+        features instead of pixels, so the selection is made here, from the batch itself)."""
+        image_q, text_q = self.queries(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        self._routed = self.select(image_q, text_q)
+
+    def _select_hook(self, module, args, kwargs):
+        self._pending, self._key_loss = None, None
+        input_ids, pixel_values = kwargs.get("input_ids"), kwargs.get("pixel_values")
+        mask = kwargs.get("attention_mask")
+        if input_ids is None or input_ids.shape[1] <= self.n_prefix:
+            return None  # a decoding step: the prompts are in the KV cache already
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        cols = self._placeholders(input_ids, mask)
+        if pixel_values is not None:
+            image_q, text_q = self.queries(input_ids, mask, pixel_values)
+            chosen = self.select(image_q, text_q)
+        elif self._routed is not None and self._routed.shape[0] == input_ids.shape[0]:
+            chosen, self._routed = self._routed, None
+        else:
+            raise McitError("prompt methods: a prefill without pixel_values and without route(batch) before it")
         self.last_selection = chosen
         self._pending = (chosen, cols)
+        if pixel_values is None:
+            return None
         if torch.is_grad_enabled() and self.options.key_weight > 0:
             pool = self.pool
             cos_i = nn.functional.cosine_similarity(pool.image_keys[chosen], image_q.unsqueeze(1).to(pool.image_keys.dtype), dim=-1)
