@@ -161,6 +161,7 @@ def prepare_model(cfg: RunConfig, bench: Benchmark, cache_dir: Path, accelerator
         model, processor = starting_model(cfg, bench, cache_dir, accelerator, show_progress and accelerator.is_main_process)
     max_length = cfg.model.tiny.max_length if cfg.model.kind == "tiny" else cfg.model.max_length
     encoder = Encoder(processor, prompt_template(cfg, processor), max_length)
+    seed_everything(cfg.seed)  # adapters (LoRA) initialise from the global RNG: make it the run's seed
     model = apply_tuning(model, cfg.model.tuning, cfg.model.lora, cfg.model.train_projector).to(accelerator.device)
     ctx = TaskContext(model, accelerator, cfg, tasks, train, seed=cfg.seed)
     ctx.extras["encoder"] = encoder
