@@ -237,6 +237,37 @@ def bench_overhead(
 
 
 @app.command()
+def similarity(
+    config: Annotated[Path, typer.Argument(help="Run config naming the benchmark, its stream and the model")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key (repeatable)")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Training samples per task to embed")] = 1000,
+    figure: Annotated[Path, typer.Option("--figure", help="PNG heatmap to write")] = Path("similarity.png"),
+):
+    """The task-similarity matrix of a benchmark's stream (He et al.: image x instruction x answer)."""
+    from mcit.config import load_config
+    from mcit.utils import atomic_write_bytes
+
+    if samples < 1:
+        raise McitError(f"--samples: expected at least 1, got {samples}")
+    cfg = load_config(config, set_ or [])
+    _quiet_libraries()
+    from mcit.runner import stream_similarity
+
+    tasks, matrix = stream_similarity(cfg, samples)
+    table = Table(title=f"task similarity, {len(tasks)} tasks, {samples} samples each (row vs column)")
+    table.add_column("task")
+    for t in tasks:
+        table.add_column(t, justify="right")
+    for i, t in enumerate(tasks):
+        table.add_row(t, *(f"{matrix[i, j]:.3f}" for j in range(len(tasks))))
+    out.print(table)
+    from mcit.similarity import similarity_png
+
+    atomic_write_bytes(figure, similarity_png(tasks, matrix))
+    out.print(f"figure: {figure}")
+
+
+@app.command()
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories holding results.json")],
     figure: Annotated[Path | None, typer.Option("--figure", help="PNG to write (default: compare.png)")] = Path("compare.png"),

@@ -397,5 +397,26 @@ class Run:
         }
 
 
+def model_key(cfg: RunConfig, bench: Benchmark) -> str:
+    """What identifies the starting model (for caches of things computed with it)."""
+    from mcit.models.load import base_key
+
+    return f"tiny:{base_key(cfg, bench)}" if cfg.model.kind == "tiny" else f"hf:{Path(cfg.model.path).resolve()}"
+
+
+def stream_similarity(cfg: RunConfig, samples: int = 1000, show_progress: bool = True):
+    """(tasks, T x T similarity matrix) of the config's stream, with the starting model's vision tower."""
+    from mcit.similarity import TaskEmbeddings, similarity_matrix
+
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    bench = prepare_benchmark(cfg, cache_dir, show_progress)
+    tasks = stream_tasks(cfg, bench)
+    train = load_split(cfg, bench, tasks, "train")
+    accelerator = make_accelerator(cfg)
+    model, encoder, _ = prepare_model(cfg, bench, cache_dir, accelerator, train, tasks, show_progress)
+    emb = TaskEmbeddings(model, encoder, cache_dir, model_key(cfg, bench), samples, cfg.seed)
+    return tasks, similarity_matrix([emb.get(t, train[t]) for t in tasks])
+
+
 def run(cfg: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
     return Run(cfg, out_dir, resume, show_progress).execute()
