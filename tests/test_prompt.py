@@ -48,7 +48,7 @@ def test_projection_with_empty_bases_is_the_identity():
 def test_bases_stay_orthonormal_and_capture_each_task():
     g = torch.Generator().manual_seed(3)
     basis, ranks = None, []
-    for t in range(5):
+    for _ in range(5):
         rows = torch.randn(80, 3, generator=g) @ torch.randn(3, 24, generator=g) + 0.01 * torch.randn(80, 24, generator=g)
         basis = extend_basis(basis, rows, 0.95)
         ranks.append(basis.shape[1])

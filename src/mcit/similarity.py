@@ -61,8 +61,9 @@ def sample_for_similarity(samples: list[Sample], n: int, seed: int, task: str) -
 @torch.no_grad()
 def image_features(model, encoder, samples: list[Sample], batch_size: int = 64) -> torch.Tensor:
     """Pooled features of the model's frozen vision tower."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tower = getattr(getattr(base, "model", base), "vision_tower", None) or getattr(base, "vision_tower")
+    from mcit.models.tuning import llava_parts
+
+    _, tower, _ = llava_parts(model)
     dtype, device = next(tower.parameters()).dtype, next(tower.parameters()).device
     out = []
     for i in range(0, len(samples), batch_size):

@@ -37,6 +37,7 @@ from mcit.data.format import Sample
 from mcit.errors import ConfigError, McitError
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
+from mcit.models.tuning import llava_parts
 
 POOL_ATTR = "mcit_prompt_pool"  # the pool's name inside the model: its parameters checkpoint with the model's
 
@@ -61,16 +62,6 @@ class PromptPool(nn.Module):
         self.prompts = nn.Parameter(torch.randn(size, length, d_text, generator=generator) * std)
         self.text_keys = nn.Parameter(torch.randn(size, d_text, generator=generator))
         self.image_keys = nn.Parameter(torch.randn(size, d_image, generator=generator))
-
-
-def _parts(model):
-    """(vision tower, input embedding) of a LLaVA model, unwrapped from PEFT if needed."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
-    tower = getattr(inner, "vision_tower", None) or getattr(base, "vision_tower", None)
-    if tower is None:
-        raise McitError("prompt methods need a LLaVA model with a vision tower")
-    return base, tower, base.get_input_embeddings()
 
 
 class _Stop(Exception):
@@ -98,7 +89,7 @@ class PromptPoolMethod(Method):
         return self.options.top_k * self.options.length
 
     def setup(self, model, ctx: TaskContext) -> None:
-        base, tower, embed = _parts(ctx.unwrapped)
+        base, tower, embed = llava_parts(ctx.unwrapped)
         for p in base.parameters():
             p.requires_grad_(False)
         d_text, d_image = embed.weight.shape[1], tower.config.hidden_size
@@ -307,7 +298,7 @@ class FwdPrompt(PromptPoolMethod):
     def embeddings(self, samples: list[Sample], ctx: TaskContext, batch_size: int = 16) -> torch.Tensor:
         """The language model's input embeddings (text and image tokens, attended, placeholders and
         padding excluded) of ``samples``, as rows: captured at the language model's input."""
-        base, _, _ = _parts(ctx.unwrapped)
+        base, _, _ = llava_parts(ctx.unwrapped)
         lm = base.model.language_model if hasattr(base.model, "language_model") else base.language_model
         captured: list[torch.Tensor] = []
 

@@ -16,6 +16,18 @@ PROJECTOR = "multi_modal_projector"
 VISION = "vision_tower"
 
 
+def llava_parts(model):
+    """(the LLaVA model without a PEFT wrapper, its vision tower, its input embedding)."""
+    from mcit.errors import McitError
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    tower = getattr(inner, "vision_tower", None) or getattr(base, VISION, None)
+    if tower is None:
+        raise McitError("expected a LLaVA model with a vision tower")
+    return base, tower, base.get_input_embeddings()
+
+
 def apply_tuning(model, mode: str, lora_cfg=None, train_projector: bool = False):
     for p in model.parameters():
         p.requires_grad_(False)
