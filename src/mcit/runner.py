@@ -257,6 +257,7 @@ class Run:
         t0 = time.perf_counter()
         model = self.accelerator.unwrap_model(self.model)  # generation runs on the bare model
         for name in self.tasks:
+            ctx.extras["eval_task"] = name  # methods that route per sample score their routing against it
             evals.append(
                 evaluate_task(model, self.encoder, self.bench.task(name), self.test[name], self.cfg.eval,
                               self.accelerator.device, method, ctx, accelerator=self.accelerator)
@@ -394,6 +395,7 @@ class Run:
             "details": state["details"],
             "scorer_info": state.get("scorer_info", {}),
             "parameters": {"total": total_params, "trainable": trainable},
+            "method_report": method.report(),
         }
 
 

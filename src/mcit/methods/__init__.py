@@ -35,7 +35,7 @@ def method_options(name: str) -> type[MethodOptions]:
 
 def _load_builtin() -> None:
     # Importing the modules registers them; done lazily so that config parsing stays light.
-    from mcit.methods import dgg, ewc, joint, lwf, mas, prompt, replay, seqft, tir, zeroshot  # noqa: F401
+    from mcit.methods import dgg, eproj, ewc, joint, lwf, mas, prompt, replay, seqft, tir, zeroshot  # noqa: F401
 
 
 __all__ = ["Method", "MethodOptions", "TaskContext", "register", "get_method", "available_methods", "method_options"]

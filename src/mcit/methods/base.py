@@ -99,6 +99,10 @@ class Method:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         pass
 
+    def report(self) -> dict[str, Any]:
+        """What results.json records of the method (``method_report``), e.g. routing accuracy."""
+        return {}
+
     def extra_memory_bytes(self) -> int:
         """Memory held outside ``state_dict`` (e.g. precomputed teacher outputs), for benchmarks."""
         return 0

@@ -37,6 +37,7 @@ from mcit.data.format import Sample
 from mcit.errors import ConfigError, McitError
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
+from mcit.methods.query import FrozenQueries, key_scores
 from mcit.models.tuning import llava_parts
 
 POOL_ATTR = "mcit_prompt_pool"  # the pool's name inside the model: its parameters checkpoint with the model's
@@ -103,6 +104,7 @@ class PromptPoolMethod(Method):
         self.pad_id = self.encoder.tokenizer.pad_token_id
         self.image_token_id = self.encoder.tokenizer.convert_tokens_to_ids(self.encoder.image_token)
         self._tower, self._embed = tower, embed
+        self._queries = FrozenQueries(ctx.unwrapped, self.encoder)
         # On the inner LlavaModel: generate() may call the outer model's forward directly (no hooks),
         # but the outer forward always calls the inner model as a module.
         inner = getattr(base, "model", None)
@@ -112,24 +114,13 @@ class PromptPoolMethod(Method):
         embed.register_forward_hook(self._insert_hook)
 
     # --- selection and insertion --------------------------------------------------------------
-    @torch.no_grad()
     def queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
         """The frozen (image, text) query features of a batch."""
-        image_q = self._tower(pixel_values.to(self._embed.weight.dtype)).pooler_output
-        text = (attention_mask.bool() & (input_ids != self.pad_id) & (input_ids != self.image_token_id))
-        bos = self.encoder.tokenizer.bos_token_id
-        if bos is not None:
-            text &= input_ids != bos
-        emb = self._embed.weight[input_ids.clamp(min=0)]
-        w = text.unsqueeze(-1).to(emb.dtype)
-        text_q = (emb * w).sum(1) / w.sum(1).clamp(min=1.0)
-        return image_q, text_q
+        return self._queries(input_ids, attention_mask, pixel_values)
 
     def select(self, image_q: torch.Tensor, text_q: torch.Tensor) -> torch.Tensor:
         """Top-k entries per sample by cos(image, key) + cos(text, key); ties go to the lower index."""
-        pool = self.pool
-        score = nn.functional.normalize(image_q.float(), dim=-1) @ nn.functional.normalize(pool.image_keys.detach().float(), dim=-1).T
-        score = score + nn.functional.normalize(text_q.float(), dim=-1) @ nn.functional.normalize(pool.text_keys.detach().float(), dim=-1).T
+        score = key_scores(image_q, text_q, self.pool.image_keys, self.pool.text_keys)
         score = score - 1e-6 * torch.arange(score.shape[1], device=score.device)  # deterministic tie-break
         return score.topk(self.options.top_k, dim=-1).indices.sort(dim=-1).values
 

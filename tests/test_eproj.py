@@ -1,0 +1,69 @@
+"""EProj: projector experts, key routing per sample, similarity-informed expansion."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mcit.methods.eproj import ProjectorExperts
+from mcit.runner import run
+from tests.conftest import kill_and_resume
+from tests.test_methods import _method, _tiny_ctx
+
+
+def test_each_sample_goes_through_its_own_expert():
+    torch.manual_seed(0)
+    bank = ProjectorExperts(nn.Linear(4, 3), 3, 5, 6)
+    for i, e in enumerate(bank.experts):
+        nn.init.constant_(e.weight, float(i))
+    x = torch.randn(4, 7, 4)
+    bank.route = torch.tensor([2, 0, 2, 1])
+    out = bank(x)
+    for row, e in enumerate([2, 0, 2, 1]):
+        torch.testing.assert_close(out[row], bank.experts[e](x[row]))
+    assert bank.route is None  # consumed by one forward
+    bank.current = 1
+    torch.testing.assert_close(bank(x), bank.experts[1](x))
+
+
+def test_key_phase_pulls_keys_to_the_task_queries(tmp_path):
+    model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
+    ctx.tasks = ["a", "b"]
+    m = _method("eproj", key_steps=200)
+    m.setup(model, ctx)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("multi_modal_projector.experts" in n for n in trainable)
+    q = torch.randn(50, 16) + 3.0
+    t = torch.randn(50, 32) - 2.0
+    m.fit_keys(1, q, t)
+    mean_q = nn.functional.normalize(nn.functional.normalize(q, dim=-1).mean(0), dim=0)
+    assert nn.functional.cosine_similarity(m.bank.image_keys[1], mean_q, dim=0) > 0.999
+    assert m.bank.image_keys[0].abs().sum() == 0  # the other expert's keys are untouched
+
+
+def test_eproj_routes_learns_and_resumes(smoke_cfg, tmp_path, monkeypatch):
+    from mcit.methods.eproj import EProj
+
+    cfg = smoke_cfg("method.name=eproj", "method.key_samples=32", "method.key_steps=20")
+    whole = run(cfg, tmp_path / "whole", show_progress=False)
+    report = whole["method_report"]
+    assert report["experts_created"] == 3 and report["expert_of_task"] == {"color": 0, "count": 1, "ocr": 2}
+    acc = report["routing_accuracy"]
+    assert set(acc) == {"1", "2", "3"} and set(acc["3"]) == {"color", "count", "ocr"}
+    assert acc["1"] == {"color": 100.0}  # one expert: everything goes to it
+    assert all(0 <= v <= 100 for row in acc.values() for v in row.values())
+    resumed = kill_and_resume(cfg, tmp_path / "killed", EProj, 3, 4, monkeypatch)
+    assert resumed["matrix"] == whole["matrix"] and resumed["method_report"] == report
+
+
+@pytest.mark.parametrize(("threshold", "experts"), [(0.01, 1), (0.99, 3)])
+def test_eproj_sim_reuses_experts_above_the_threshold(smoke_cfg, tmp_path, threshold, experts):
+    cfg = smoke_cfg("method.name=eproj_sim", f"method.threshold={threshold}", "method.similarity_samples=32",
+                    "method.key_samples=32", "method.key_steps=10")
+    res = run(cfg, tmp_path / "run", show_progress=False)
+    report = res["method_report"]
+    assert report["experts_created"] == experts
+    assert set(report["similarities"]) == {"count", "ocr"}
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "stage_03_ocr" / "method.json").read_text())
+    assert meta["n_used"] == experts
