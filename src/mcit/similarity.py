@@ -116,6 +116,23 @@ class TaskEmbeddings:
         return emb
 
 
+def for_run(ctx, samples: int) -> TaskEmbeddings:
+    """Task embeddings for a method inside a run: the run's model, encoder, cache and seed."""
+    from mcit.runner import model_key
+    from mcit.utils import default_cache_dir
+
+    cfg = ctx.config
+    cache = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir()
+    return TaskEmbeddings(ctx.unwrapped, ctx.extras["encoder"], cache, model_key(cfg, ctx.extras["benchmark"]),
+                          samples, cfg.seed)
+
+
+def similarity_to_finished(embeddings: TaskEmbeddings, done: list[str], task: str, ctx) -> list[float]:
+    """Similarity of ``task`` to each finished task (stream order), z-scored over the tasks seen so far."""
+    matrix = similarity_matrix([embeddings.get(t, ctx.train_data[t]) for t in [*done, task]])
+    return matrix[-1, :-1].tolist()
+
+
 def similarity_matrix(embeddings: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """T x T task similarity: product over modalities of sigmoid(z-scored cosine); 1 on the diagonal."""
     t = len(embeddings)

@@ -198,19 +198,14 @@ class EProjSim(EProj):
         done = list(self.expert_of)
         if not done:
             return super().choose_expert(task, ctx)
-        from mcit.runner import model_key
-        from mcit.similarity import TaskEmbeddings, similarity_matrix
-        from mcit.utils import default_cache_dir
+        from mcit.similarity import for_run, similarity_to_finished
 
         if self._embeddings is None:
-            cfg = ctx.config
-            cache = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir()
-            self._embeddings = TaskEmbeddings(ctx.unwrapped, self.encoder, cache, model_key(cfg, ctx.extras["benchmark"]),
-                                              self.options.similarity_samples, cfg.seed)
-        row = similarity_matrix([self._embeddings.get(t, ctx.train_data[t]) for t in [*done, task]])[-1, :-1]
-        self.similarities[task] = {t: round(float(s), 4) for t, s in zip(done, row.tolist(), strict=True)}
-        best = int(row.argmax())
-        if float(row[best]) > self.options.threshold:
+            self._embeddings = for_run(ctx, self.options.similarity_samples)
+        row = similarity_to_finished(self._embeddings, done, task, ctx)
+        self.similarities[task] = {t: round(s, 4) for t, s in zip(done, row, strict=True)}
+        best = max(range(len(row)), key=row.__getitem__)
+        if row[best] > self.options.threshold:
             return self.expert_of[done[best]]
         return super().choose_expert(task, ctx)
 

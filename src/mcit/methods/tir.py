@@ -63,19 +63,11 @@ class TIRMixin:
 
     def task_similarity(self, task: str, ctx: TaskContext) -> list[float]:
         """Similarity of ``task`` to each finished task, in stream order."""
-        from mcit.runner import model_key
-        from mcit.similarity import TaskEmbeddings, similarity_matrix
-        from mcit.utils import default_cache_dir
+        from mcit.similarity import for_run, similarity_to_finished
 
         if self._embeddings is None:
-            cfg = ctx.config
-            cache = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir()
-            self._embeddings = TaskEmbeddings(ctx.unwrapped, ctx.extras["encoder"], cache,
-                                              model_key(cfg, ctx.extras["benchmark"]), self.options.similarity_samples,
-                                              cfg.seed)
-        names = [*self.tasks_done, task]
-        matrix = similarity_matrix([self._embeddings.get(t, ctx.train_data[t]) for t in names])
-        return matrix[-1, :-1].tolist()
+            self._embeddings = for_run(ctx, self.options.similarity_samples)
+        return similarity_to_finished(self._embeddings, self.tasks_done, task, ctx)
 
     def before_task(self, task: str, samples, ctx: TaskContext) -> None:
         super().before_task(task, samples, ctx)
