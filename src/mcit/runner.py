@@ -215,17 +215,17 @@ class Run:
 
     def _save_stage(self, stage: int, label: str, state: dict, evals, method) -> None:
         """Checkpoint, predictions and state of a finished row: written by the main process only."""
+        if stage > 0 and method.schedule != "none":  # every process records where it is
+            state["checkpoint"] = f"checkpoints/stage_{stage:02d}_{label}"
         if self.accelerator.is_main_process:
             self._write_stage(stage, label, state, evals, method)
-        elif stage > 0 and method.schedule != "none":
-            state["checkpoint"] = f"checkpoints/stage_{stage:02d}_{label}"
         self.accelerator.wait_for_everyone()
 
     def _write_stage(self, stage: int, label: str, state: dict, evals, method) -> None:
         from safetensors.torch import save_file
 
         if stage > 0 and method.schedule != "none":
-            ckpt = self.out / "checkpoints" / f"stage_{stage:02d}_{label}"
+            ckpt = self.out / state["checkpoint"]
             tmp = ckpt.with_name(ckpt.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -235,7 +235,6 @@ class Run:
             atomic_write_json(tmp / "method.json", meta)
             shutil.rmtree(ckpt, ignore_errors=True)
             tmp.rename(ckpt)
-            state["checkpoint"] = str(ckpt.relative_to(self.out))
         pred_dir = self.out / "predictions" / f"row_{stage:02d}"
         for ev in evals:
             atomic_write_text(pred_dir / f"{ev.task}.jsonl", "".join(json.dumps(r) + "\n" for r in ev.predictions))

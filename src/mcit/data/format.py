@@ -31,11 +31,12 @@ def _where(path: Path, line: int | None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
-def _parse_record(rec, path: Path, line: int | None, image_root: Path, task: str) -> Sample:
-    where = _where(path, line)
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    conv = rec.get("conversations")
+class MultiTurnError(DataError):
+    """A conversation with more than one human or gpt turn (converters may skip these)."""
+
+
+def single_turn(conv, where: str) -> tuple[str, str]:
+    """(question without ``<image>``, answer) of a LLaVA ``conversations`` list of one exchange."""
     if not isinstance(conv, list) or len(conv) < 2:
         raise DataError(f"{where}: field 'conversations' must be a list of at least 2 turns")
     human = [t for t in conv if isinstance(t, dict) and t.get("from") == "human"]
@@ -45,9 +46,15 @@ def _parse_record(rec, path: Path, line: int | None, image_root: Path, task: str
     if not gpt or not isinstance(gpt[0].get("value"), str):
         raise DataError(f"{where}: 'conversations' has no gpt turn with a string 'value'")
     if len(human) > 1 or len(gpt) > 1:
-        raise DataError(f"{where}: multi-turn conversations are not supported yet (one human, one gpt)")
-    question = human[0]["value"].replace("<image>", "").strip()
-    answer = gpt[0]["value"].strip()
+        raise MultiTurnError(f"{where}: multi-turn conversations are not supported yet (one human, one gpt)")
+    return human[0]["value"].replace("<image>", "").strip(), gpt[0]["value"].strip()
+
+
+def _parse_record(rec, path: Path, line: int | None, image_root: Path, task: str) -> Sample:
+    where = _where(path, line)
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    question, answer = single_turn(rec.get("conversations"), where)
     rid = rec.get("id", rec.get("question_id"))
     if rid is None:
         raise DataError(f"{where}: missing field 'id'")

@@ -145,7 +145,11 @@ class ImportancePenalty(Method):
             if n in params and bool((o > 0).any()):
                 device = params[n].device
                 self.omega[n], self.anchor[n] = o.to(device), self.anchor[n].to(device)
-                self._active.append((params[n], self.omega[n], self.anchor[n]))
+                self._active.append((params[n], self.effective(n), self.anchor[n]))
+
+    def effective(self, name: str) -> torch.Tensor:
+        """The importance the penalty uses for a parameter (TIR rescales it by task similarity)."""
+        return self.omega[name]
 
     def penalty(self, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
         """``lam/2 * sum(Ω (θ - anchor)^2)``; ``params`` (re)binds the parameters first."""

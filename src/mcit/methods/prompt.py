@@ -102,8 +102,7 @@ class PromptPoolMethod(Method):
         self.encoder = ctx.extras["encoder"]
         self.encoder.prefix_tokens = self.n_prefix
         self.pad_id = self.encoder.tokenizer.pad_token_id
-        self.image_token_id = self.encoder.tokenizer.convert_tokens_to_ids(self.encoder.image_token)
-        self._tower, self._embed = tower, embed
+        self._embed = embed
         self._queries = FrozenQueries(ctx.unwrapped, self.encoder)
         # On the inner LlavaModel: generate() may call the outer model's forward directly (no hooks),
         # but the outer forward always calls the inner model as a module.

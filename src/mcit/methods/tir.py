@@ -83,14 +83,6 @@ class TIRMixin:
             return omega
         return omega * self.scale.to(omega.device)[self.owner[name].to(omega.device).long()]
 
-    def bind(self, params: dict[str, torch.Tensor]) -> None:
-        self._active = []
-        for n in self.omega:
-            if n in params and bool((self.omega[n] > 0).any()):
-                device = params[n].device
-                self.anchor[n] = self.anchor[n].to(device)
-                self._active.append((params[n], self.effective(n).to(device), self.anchor[n]))
-
     def state_dict(self):
         tensors, meta = super().state_dict()
         tensors.update({f"owner.{n}": v for n, v in self.owner.items()})

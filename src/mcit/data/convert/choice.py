@@ -3,7 +3,6 @@ ImageNet-R, in the prompt formats of LLaVA / UCIT."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from mcit.data.convert.core import (
     hash_split,
     need,
     options_block,
+    read_json,
     register,
 )
 from mcit.errors import DataError
@@ -75,17 +75,13 @@ def _class_names(path: Path | None) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--option class_names: {path} not found")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        data = read_json(path)
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected a JSON object folder name -> class name")
         return {str(k): str(v) for k, v in data.items()}
     names = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             parts = line.split(maxsplit=1)
             if len(parts) != 2:

@@ -55,6 +55,19 @@ class Option:
     help: str
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file, or a DataError naming the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
 @dataclass
 class Source:
     """What a converter reads: the source folder, the image folder and its options."""
@@ -74,13 +87,7 @@ class Source:
         raise DataError(f"{self.name}: none of {', '.join(candidates)} found in {self.src}")
 
     def json(self, path: Path) -> Any:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        return read_json(path)
 
     def jsonl(self, path: Path) -> Iterator[tuple[int, Any]]:
         with open(path, encoding="utf-8") as f:

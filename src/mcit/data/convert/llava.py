@@ -25,6 +25,7 @@ from mcit.data.convert.core import (
     need,
     register,
 )
+from mcit.data.format import MultiTurnError, single_turn
 from mcit.errors import DataError
 
 
@@ -40,21 +41,15 @@ class _Part:
 
 def _train_items(source: Source, part: _Part, path: Path) -> Iterator[Item]:
     for where, rec in source.records(path):
-        conv = need(rec, "conversations", list, where)
-        human = [t for t in conv if isinstance(t, dict) and t.get("from") == "human"]
-        gpt = [t for t in conv if isinstance(t, dict) and t.get("from") == "gpt"]
-        if not human or not gpt:
-            raise DataError(f"{where}: field 'conversations' needs a 'human' and a 'gpt' turn")
-        if len(human) > 1 or len(gpt) > 1:
+        try:
+            question, answer = single_turn(need(rec, "conversations", list, where), where)
+        except MultiTurnError:
             source.skipped[f"{part.task}: multi-turn conversation"] += 1
             continue
-        q = need(human[0], "value", str, f"{where}.conversations")
-        a = need(gpt[0], "value", str, f"{where}.conversations")
         image = rec.get("image")
         if image is not None and not isinstance(image, str):
             raise DataError(f"{where}: field 'image' must be a string path")
-        yield Item(part.task, "train", str(need(rec, "id", (str, int), where)), image,
-                   q.replace("<image>", "").strip(), a.strip(), None, where)
+        yield Item(part.task, "train", str(need(rec, "id", (str, int), where)), image, question, answer, None, where)
 
 
 def _coco_references(source: Source, path: Path) -> dict[int, list[str]]:

@@ -3,7 +3,6 @@ TextVQA, VizWiz and OCR-VQA, from their official annotation files."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from mcit.data.convert.core import (
     answer_list,
     majority,
     need,
+    read_json,
     register,
 )
 from mcit.errors import DataError
@@ -64,12 +64,7 @@ def vqacl_task(question_type: str, answer_type: str, question: str) -> str:
 
 
 def _load_task_map(path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DataError(f"--task-map: {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    data = read_json(Path(path))
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object mapping question_id -> task")
     bad = sorted({str(v) for v in data.values()} - set(VQACL_TASKS))
