@@ -149,6 +149,24 @@ def test_config_extends(tmp_path):
         load_config(tmp_path / "child.yaml")
 
 
+def test_zero_mix_weight_drops_a_base_part(tmp_path):
+    from mcit.config import load_config
+    from mcit.errors import ConfigError
+    from mcit.models.load import _base_settings
+
+    (tmp_path / "multi.yaml").write_text("base: {mix: {describe: 0.6, locate: 0.4}}\n")
+    (tmp_path / "caption.yaml").write_text("extends: multi.yaml\nbase: {mix: {describe: 1.0, locate: 0}}\n")
+    (tmp_path / "plain.yaml").write_text("base: {mix: {describe: 1.0}}\n")
+    caption, plain = load_config(tmp_path / "caption.yaml"), load_config(tmp_path / "plain.yaml")
+    assert caption.base.mix == {"describe": 1.0}
+    # the dropped part leaves no trace: the same cached starting model serves both spellings
+    assert _base_settings(caption) == _base_settings(plain) != _base_settings(load_config(tmp_path / "multi.yaml"))
+    with pytest.raises(ConfigError, match="base.mix weights must be >= 0"):
+        load_config(tmp_path / "plain.yaml", ["base.mix.locate=-1"])
+    with pytest.raises(ConfigError, match="at least one part"):
+        load_config(tmp_path / "plain.yaml", ["base.mix.describe=0"])
+
+
 def test_epochs_set_the_steps():
     from mcit.config import OptimConfig
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mcit.errors import ConfigError
 
@@ -127,13 +127,23 @@ class BaseTrainingConfig(OptimConfig):
     """Instruction-pretraining of the starting model on the benchmark's base mix (tiny only)."""
 
     enabled: bool = True
-    mix: dict[str, float] = {"describe": 0.6, "locate": 0.4}  # base parts or task names -> sampling weight
+    # base parts or task names -> sampling weight; a weight of 0 drops the part (so a config that
+    # ``extends`` another can remove one: mappings merge key by key)
+    mix: dict[str, float] = {"describe": 0.6, "locate": 0.4}
     steps: int = Field(3000, ge=0)
     lr: float = Field(2e-3, gt=0)
 
+    @field_validator("mix")
+    @classmethod
+    def _drop_zeros(cls, mix: dict[str, float]) -> dict[str, float]:
+        negative = {k: w for k, w in mix.items() if w < 0}
+        if negative:
+            raise ValueError(f"base.mix weights must be >= 0 (0 drops a part), got {negative}")
+        return {k: w for k, w in mix.items() if w > 0}
+
     @model_validator(mode="after")
     def _weights(self):
-        if self.enabled and (not self.mix or any(w <= 0 for w in self.mix.values())):
+        if self.enabled and not self.mix:
             raise ValueError("base.mix must map at least one part to a positive weight")
         return self
 
