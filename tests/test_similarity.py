@@ -58,3 +58,16 @@ def test_similarity_cli(smoke_cfg, smoke_run, tmp_path, monkeypatch, capsys):
     main()
     out = capsys.readouterr().out
     assert "task similarity" in out and "color" in out and fig.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_text_encoder_batches_by_length_and_counts_repeats():
+    from mcit.similarity import TextEncoder
+
+    text = TextEncoder()
+    texts = ["a red circle", "what colour is the square at the top left of the picture?", "a red circle", "two",
+             "the word owl in blue", "two", "two"]
+    one_by_one = torch.cat([text.encode([t]) for t in texts])
+    batched = text.encode(texts, batch_size=3)  # length-sorted batches, returned in the input order
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+    assert torch.allclose(text.mean(texts), one_by_one.mean(0), atol=1e-5)  # distinct texts weighted by count
+    assert text.encode([]).shape == (0, one_by_one.shape[1])

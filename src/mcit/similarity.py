@@ -41,15 +41,29 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        out = []
+        """One L2-normalised vector per text, in order. Batches group texts of similar length, so
+        little compute goes to padding (the attention mask keeps padding out of every vector)."""
+        if not texts:
+            return torch.zeros(0, self.model.config.hidden_size)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = torch.empty(len(texts), self.model.config.hidden_size)
         for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=256,
+            idx = order[i : i + batch_size]
+            enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=256,
                                  return_tensors="pt").to(self.device)
             hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
-        return torch.cat(out)
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+        return out
+
+    def mean(self, texts: list[str]) -> torch.Tensor:
+        """The mean vector of ``texts``, encoding each distinct text once (instructions repeat a few
+        templates and short answers repeat a lot, so this is most of the cost saved)."""
+        distinct = list(dict.fromkeys(texts))
+        index = {t: i for i, t in enumerate(distinct)}
+        counts = torch.bincount(torch.tensor([index[t] for t in texts]), minlength=len(distinct)).float()
+        return (counts @ self.encode(distinct)) / len(texts)
 
 
 def sample_for_similarity(samples: list[Sample], n: int, seed: int, task: str) -> list[Sample]:
@@ -74,12 +88,12 @@ def image_features(model, encoder, samples: list[Sample], batch_size: int = 64) 
 
 def task_embedding(model, encoder, text: TextEncoder, samples: list[Sample]) -> dict[str, torch.Tensor]:
     """The task's mean, L2-normalised embedding per modality."""
-    vecs = {
-        "image": image_features(model, encoder, samples),
-        "instruction": text.encode([s.question for s in samples]),
-        "answer": text.encode([s.answer for s in samples]),
+    means = {
+        "image": image_features(model, encoder, samples).mean(0),
+        "instruction": text.mean([s.question for s in samples]),
+        "answer": text.mean([s.answer for s in samples]),
     }
-    return {m: torch.nn.functional.normalize(v.mean(0), dim=0) for m, v in vecs.items()}
+    return {m: torch.nn.functional.normalize(v, dim=0) for m, v in means.items()}
 
 
 class TaskEmbeddings:
