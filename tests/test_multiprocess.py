@@ -51,3 +51,17 @@ def test_num_processes_is_validated(monkeypatch, capsys):
 
     code, _, err = _mcit(monkeypatch, capsys, "run", str(SMOKE), "--num-processes", "0")
     _assert_one_line_error(code, err, "--num-processes: expected at least 1")
+
+
+def test_deepspeed_is_refused_with_the_reason():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from mcit.errors import McitError
+    from mcit.runner import check_engine
+
+    for ok in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.FSDP):
+        check_engine(SimpleNamespace(distributed_type=ok))
+    with pytest.raises(McitError, match="DeepSpeed is not supported yet.*ddp.yaml"):
+        check_engine(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))

@@ -131,9 +131,24 @@ def make_accelerator(cfg: RunConfig, tracking_dir: Path | None = None):
     # Some trainable parameters get no gradient on a given batch (p.grad is None): DDP must allow it.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     trackers = resolve_trackers(cfg.trackers) if tracking_dir is not None else []
-    return Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
-                       kwargs_handlers=[ddp], log_with=trackers or None,
-                       project_dir=str(tracking_dir) if trackers else None)
+    accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
+                              kwargs_handlers=[ddp], log_with=trackers or None,
+                              project_dir=str(tracking_dir) if trackers else None)
+    check_engine(accelerator)
+    return accelerator
+
+
+def check_engine(accelerator) -> None:
+    """Refuse the accelerate engines the runner cannot drive correctly, before any work is done."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise McitError(
+            "accelerate config: DeepSpeed is not supported yet. ZeRO owns the optimizer and partitions "
+            "gradients, while mcit builds one optimizer per task and its methods read and edit each "
+            "parameter's full gradient between backward and step (DGG, Fwd-Prompt, importance "
+            "estimation). Use configs/accelerate/ddp.yaml (verified) or fsdp.yaml."
+        )
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
