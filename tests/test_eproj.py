@@ -30,7 +30,7 @@ def test_each_sample_goes_through_its_own_expert():
 def test_key_phase_pulls_keys_to_the_task_queries(tmp_path):
     model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
     ctx.tasks = ["a", "b"]
-    m = _method("eproj", key_steps=200)
+    m = _method("eproj", key_steps=200, keys=1)  # the paper's single key: the queries' mean direction
     m.setup(model, ctx)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("multi_modal_projector.experts" in n for n in trainable)
@@ -38,8 +38,33 @@ def test_key_phase_pulls_keys_to_the_task_queries(tmp_path):
     t = torch.randn(50, 32) - 2.0
     m.fit_keys(1, q, t)
     mean_q = nn.functional.normalize(nn.functional.normalize(q, dim=-1).mean(0), dim=0)
-    assert nn.functional.cosine_similarity(m.bank.image_keys[1], mean_q, dim=0) > 0.999
+    assert nn.functional.cosine_similarity(m.bank.image_keys[1, 0], mean_q, dim=0) > 0.999
     assert m.bank.image_keys[0].abs().sum() == 0  # the other expert's keys are untouched
+
+
+def test_several_keys_route_a_task_asked_in_several_phrasings(tmp_path):
+    """Expert 0's task comes in two phrasings (directions e0, e1); expert 1's sits between them.
+    One key per expert cannot tell them apart; two keys find both phrasings."""
+    from mcit.methods.query import key_scores
+
+    model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
+    ctx.tasks = ["a", "b"]
+    g = torch.Generator().manual_seed(0)
+    e0, e1 = torch.eye(32)[0], torch.eye(32)[1]
+    a_text = torch.cat([e0 + 0.05 * torch.randn(40, 32, generator=g), e1 + 0.05 * torch.randn(40, 32, generator=g)])
+    b_text = (e0 + e1) / 2 + 0.05 * torch.randn(40, 32, generator=g)
+    image = torch.ones(80, 16)  # images alike: the instruction has to decide
+    accuracy = {}
+    for keys in (1, 2):
+        m = _method("eproj", key_steps=300, keys=keys)
+        m.setup(model, ctx)
+        m.fit_keys(0, image, a_text)
+        m.fit_keys(1, image[:40], b_text)
+        assert m.bank.text_keys.shape == (2, keys, 32)
+        probe = torch.stack([e0, e1, (e0 + e1) / 2])
+        choice = key_scores(image[:3], probe, m.bank.image_keys, m.bank.text_keys).argmax(-1)
+        accuracy[keys] = (choice == torch.tensor([0, 0, 1])).float().mean().item()
+    assert accuracy[2] == 1.0 and accuracy[1] < 1.0
 
 
 def test_eproj_routes_learns_and_resumes(smoke_cfg, tmp_path, monkeypatch):

@@ -6,7 +6,10 @@ model's projector, with an image key and an instruction key; everything else is 
 task trains its expert (all its samples are routed to it). After the task a short key phase
 pulls the expert's keys toward the task's frozen, normalised query features (:mod:`query`)
 with a (1 - cos) loss. At inference every sample of a batch is routed to the expert whose keys
-match it best (cos(image) + cos(instruction)); routing accuracy per task and row goes to
+match it best (cos(image) + cos(instruction)). Each expert may hold several keys per modality
+(``keys``, our extension; 1 = the paper's single key): the pull loss then draws each query to
+its nearest key, k-means fashion, and an expert scores by its best-matching key, so a task
+asked in several phrasings is matched by each of them; routing accuracy per task and row goes to
 results.json (``method_report``). ``eproj_sim`` reuses the expert of the most similar finished
 task (:mod:`mcit.similarity`) when that similarity exceeds ``threshold``, and reports how many
 experts it created. The bank holds one slot per stream task, so checkpoints always fit.
@@ -31,12 +34,12 @@ from mcit.models.tuning import llava_parts
 class ProjectorExperts(nn.Module):
     """Experts of the projector; ``route`` (one expert per sample) or else ``current`` picks them."""
 
-    def __init__(self, projector: nn.Module, n: int, d_image: int, d_text: int):
+    def __init__(self, projector: nn.Module, n: int, d_image: int, d_text: int, keys: int = 1):
         super().__init__()
         self.experts = nn.ModuleList(copy.deepcopy(projector) for _ in range(n))
         ref = next(projector.parameters())
-        self.image_keys = nn.Parameter(torch.zeros(n, d_image, dtype=ref.dtype, device=ref.device))
-        self.text_keys = nn.Parameter(torch.zeros(n, d_text, dtype=ref.dtype, device=ref.device))
+        self.image_keys = nn.Parameter(torch.zeros(n, keys, d_image, dtype=ref.dtype, device=ref.device))
+        self.text_keys = nn.Parameter(torch.zeros(n, keys, d_text, dtype=ref.dtype, device=ref.device))
         self.current = 0
         self.route: torch.Tensor | None = None
 
@@ -56,10 +59,33 @@ class ProjectorExperts(nn.Module):
         return out
 
 
+def _pull_keys(queries: torch.Tensor, k: int, rounds: int) -> torch.Tensor:
+    """``k`` unit keys minimising mean(1 - cos(query, nearest key)) (see ``EProj.fit_keys``).
+
+    They start on queries spread by farthest-point selection (the first query, then each time the
+    query least similar to the keys so far), so the result depends on the data alone."""
+    q = nn.functional.normalize(queries.float(), dim=-1)
+    chosen = [0]
+    while len(chosen) < k:
+        chosen.append(int((q @ q[chosen].T).amax(1).argmin()))
+    keys, assign = q[chosen].clone(), None
+    for _ in range(rounds):
+        new = (q @ keys.T).argmax(1)
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        for j in range(k):
+            mine = q[assign == j]
+            if len(mine):  # a key no query is nearest to stays where it is
+                keys[j] = nn.functional.normalize(mine.sum(0), dim=0)
+    return keys
+
+
 class EProjOptions(MethodOptions):
     key_samples: int = Field(500, ge=1, description="training samples whose queries the keys are pulled toward")
-    key_steps: int = Field(100, ge=1, description="steps of the key phase (Adam on 1 - cos)")
-    key_lr: float = Field(0.05, gt=0, description="learning rate of the key phase")
+    key_steps: int = Field(100, ge=1, description="most rounds of the key phase (it stops when the keys settle)")
+    keys: int = Field(4, ge=1, description="keys per expert and modality (1 = the paper's single key); "
+                                           "each query is pulled to its nearest, an expert scores by its best")
 
 
 @register
@@ -81,7 +107,7 @@ class EProj(Method):
         for p in base.parameters():
             p.requires_grad_(False)
         self.bank = ProjectorExperts(inner.multi_modal_projector, len(ctx.tasks), tower.config.hidden_size,
-                                     embed.weight.shape[1])
+                                     embed.weight.shape[1], self.options.keys)
         inner.multi_modal_projector = self.bank
         for p in self.bank.parameters():
             p.requires_grad_(True)  # experts without a gradient this task (p.grad None) are not stepped
@@ -108,21 +134,16 @@ class EProj(Method):
         self.fit_keys(e, image_q, text_q)
 
     def fit_keys(self, e: int, image_q: torch.Tensor, text_q: torch.Tensor) -> None:
-        """The key phase: Adam on mean(1 - cos(key, query)) for the expert's two keys."""
-        qi = nn.functional.normalize(image_q.float(), dim=-1)
-        qt = nn.functional.normalize(text_q.float(), dim=-1)
-        ki = qi[0].clone().requires_grad_(True)
-        kt = qt[0].clone().requires_grad_(True)
-        opt = torch.optim.Adam([ki, kt], lr=self.options.key_lr)
-        for _ in range(self.options.key_steps):
-            loss = (1 - nn.functional.cosine_similarity(qi, ki.unsqueeze(0), dim=-1)).mean() + \
-                (1 - nn.functional.cosine_similarity(qt, kt.unsqueeze(0), dim=-1)).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        """The key phase: per modality, the keys that minimise the pull loss
+        mean over queries of (1 - cos(query, its nearest key)), found exactly by alternating the
+        two steps that each lower it (spherical k-means): assign every query to its nearest key,
+        then set each key to the mean direction of its queries, until no assignment changes or
+        ``key_steps`` rounds. With one key that is the queries' mean direction, in one round.
+        (Gradient steps on the same loss wander off an optimum where the queries are all alike,
+        as a tiny vision tower's pooled features are: Adam rescales float noise to full steps.)"""
         with torch.no_grad():
-            self.bank.image_keys[e] = ki.detach().to(self.bank.image_keys.dtype)
-            self.bank.text_keys[e] = kt.detach().to(self.bank.text_keys.dtype)
+            self.bank.image_keys[e] = _pull_keys(image_q, self.options.keys, self.options.key_steps)
+            self.bank.text_keys[e] = _pull_keys(text_q, self.options.keys, self.options.key_steps)
 
     def _sample(self, data: list[Sample], ctx: TaskContext, task: str) -> list[Sample]:
         from mcit.similarity import sample_for_similarity

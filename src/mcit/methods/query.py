@@ -29,7 +29,13 @@ class FrozenQueries:
 
 
 def key_scores(image_q, text_q, image_keys, text_keys) -> torch.Tensor:
-    """cos(image, key) + cos(text, key): (batch, keys)."""
+    """cos(image, key) + cos(text, key): (batch, entries). Keys are (entries, dim), or (entries,
+    prototypes, dim) for entries with several keys per modality: the best-matching one counts."""
+    return _cos(image_q, image_keys) + _cos(text_q, text_keys)
+
+
+def _cos(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     n = torch.nn.functional.normalize
-    return n(image_q.float(), dim=-1) @ n(image_keys.detach().float(), dim=-1).T + \
-        n(text_q.float(), dim=-1) @ n(text_keys.detach().float(), dim=-1).T
+    k = n(keys.detach().float(), dim=-1)
+    cos = n(q.float(), dim=-1) @ k.reshape(-1, k.shape[-1]).T
+    return cos if keys.dim() == 2 else cos.view(q.shape[0], *k.shape[:2]).amax(-1)
