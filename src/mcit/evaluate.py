@@ -69,6 +69,6 @@ def evaluate_task(model, encoder, spec: TaskSpec, samples: list[Sample], eval_cf
     per_sample = result.per_sample or [None] * len(preds)
     rows = [
         {"id": s.id, "prediction": p, "references": s.references, "score": sc}
-        for s, p, sc in zip(samples, preds, per_sample)
+        for s, p, sc in zip(samples, preds, per_sample, strict=True)
     ]
     return TaskEval(spec.name, result.scorer, float(result.headline), dict(result.details), rows, dict(result.info))

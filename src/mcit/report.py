@@ -23,7 +23,7 @@ def metrics_for(matrix: list[list[float]], test_sizes: list[int], schedule: str)
     total = sum(test_sizes)
     out = dict.fromkeys(METRICS)
     out["MFN"] = statistics.fmean(last)
-    out["FAA_weighted"] = sum(n * a for n, a in zip(test_sizes, last)) / total if total else None
+    out["FAA_weighted"] = sum(n * a for n, a in zip(test_sizes, last, strict=True)) / total if total else None
     return out
 
 
@@ -78,7 +78,7 @@ def report_markdown(results: dict) -> str:
         "| row | " + " | ".join(f"{t} ({results['scorers'][t]})" for t in tasks) + " |",
         "|---|" + "---|" * len(tasks),
     ]
-    for i, (label, row) in enumerate(zip(labels, results["matrix"])):
+    for i, (label, row) in enumerate(zip(labels, results["matrix"], strict=True)):
         lines.append(f"| {i}: {label} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     t = results["timing"]
     lines += [

@@ -122,7 +122,7 @@ def shape_scene(rng: random.Random, size: int, n: int, distinct: bool) -> tuple[
     img = _background(rng, size)
     draw = ImageDraw.Draw(img)
     objs = []
-    for c, shape, color in zip(cells, shapes, colors):
+    for c, shape, color in zip(cells, shapes, colors, strict=True):
         row, col = divmod(c, 3)
         slack = cell - obj_size
         x1 = col * cell + rng.randint(0, slack)
