@@ -123,13 +123,20 @@ def test_every_shipped_config_validates():
     from mcit.methods import get_method
     from mcit.runner import build_method
 
-    configs = sorted(p for p in SMOKE.parents[1].glob("*/*.yaml")
-                     if not p.name.startswith("_") and p.parent.name != "accelerate")
-    assert len(configs) >= 12 + 5 * 8
+    root = SMOKE.parents[1]
+    configs = sorted(p for p in root.rglob("*.yaml") if not p.name.startswith("_") and p.parent.name != "accelerate")
+    assert len(configs) >= 12 + 5 * 8 + 8
     for path in configs:
         cfg = load_config(path, [])
         assert get_method(cfg.method["name"]).name == cfg.method["name"], path
         build_method(cfg.method)  # the method's options validate too
+    # He et al.'s two starting conditions differ in the base mix alone
+    for path in sorted((root / "synth" / "caption_start").glob("*.yaml")):
+        start, multi = load_config(path).model_dump(), load_config(root / "synth" / path.name).model_dump()
+        assert start["base"]["mix"] == {"describe": 1.0} and len(multi["base"]["mix"]) == 2, path
+        for cfg in (start, multi):
+            cfg.pop("name"), cfg["base"].pop("mix")
+        assert start == multi, path
 
 
 def test_config_extends(tmp_path):
