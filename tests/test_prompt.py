@@ -63,7 +63,7 @@ def test_bases_stay_orthonormal_and_capture_each_task():
 def _prompted(tmp_path, name="prompt_pool", seed=7, **options):
     model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
     ctx.seed = seed
-    m = _method(name, pool_size=4, length=2, top_k=2, **options)
+    m = _method(name, **{"pool_size": 4, "length": 2, "top_k": 2, **options})
     m.setup(model, ctx)
     return m, model, enc, samples, ctx
 
@@ -102,6 +102,32 @@ def test_selection_is_deterministic_for_a_seed(tmp_path):
     assert not torch.equal(picks[0][1], picks[2][1])
 
 
+def test_diversified_selection_gives_a_new_task_unused_entries(tmp_path):
+    m, model, enc, samples, ctx = _prompted(tmp_path, pool_size=6)
+    batch = enc.train_batch(samples)
+    q = m.queries(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    plain = m.select(*q)
+    assert torch.equal(m.select(*q, diversify=True), plain)  # nothing used yet: the plain selection
+    m.before_task("a", samples, ctx)
+    model(**batch)  # a training forward (grad enabled) counts its selections
+    m.after_task("a", ctx)
+    assert m.usage.tolist() == torch.bincount(plain.flatten(), minlength=6).double().tolist()
+    assert m.usage_by_task == {"a": [int(c) for c in m.usage.tolist()]}
+    fresh = m.select(*q, diversify=True)
+    assert not set(fresh.flatten().tolist()) & set(plain.flatten().tolist())  # entries task a left unused
+    assert torch.equal(m.select(*q), plain)  # inference matches keys alone
+    with torch.no_grad():  # an evaluation forward neither diversifies nor counts
+        m.before_task("b", samples, ctx)
+        model(**batch)
+        m.after_task("b", ctx)
+    assert torch.equal(m.last_selection, plain) and sum(m.usage_by_task["b"]) == 0
+    # with diversity off, training selects as inference does
+    off, model_off, *_ = _prompted(tmp_path, pool_size=6, diversity=False)
+    off.usage = m.usage.clone()
+    model_off(**batch)
+    assert torch.equal(off.last_selection, plain)
+
+
 def test_batched_generation_with_prompts_matches_one_by_one(tmp_path):
     from mcit.evaluate import generate
 
@@ -136,6 +162,9 @@ def test_prompt_methods_run_and_resume_exactly(smoke_cfg, tmp_path, monkeypatch,
     assert whole["parameters"]["trainable"] < 0.05 * whole["parameters"]["total"]
     resumed = kill_and_resume(cfg, tmp_path / "killed", get_method(name), 2, 3, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
+    usage = whole["method_report"]["selections_per_entry"]
+    assert list(usage) == ["color", "count", "ocr"] and resumed["method_report"] == whole["method_report"]
+    assert sum(usage["color"]) == 10 * 16 * 2  # steps x batch x top_k
     if name == "fwd_prompt":
         meta = json.loads((tmp_path / "whole" / "checkpoints" / "stage_03_ocr" / "method.json").read_text())
         assert meta["old_rank"] >= 1 and meta["pre_rank"] >= 1

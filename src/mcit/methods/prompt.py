@@ -8,7 +8,9 @@ of its text tokens); the ``top_k`` entries with the highest cos(image) + cos(tex
 selected and their prompts replace ``top_k x length`` placeholder positions right after <s>
 (the encoder's ``prefix_tokens``), so training, batched generation and the KV cache all see an
 ordinary, longer prompt. A key-matching loss (1 - cos) pulls the selected keys toward their
-queries. Only the pool trains; the MLLM is frozen; no replay.
+queries. While training, selection is L2P's diversified one (``diversity``): entries that earlier
+tasks selected often look farther away, so each task trains entries of its own and keys them to
+its queries. Only the pool trains; the MLLM is frozen; no replay.
 
 ``fwd_prompt`` adds gradient projection on the prompt values (GPM-style, in the language
 model's input-embedding space of width d):
@@ -49,6 +51,8 @@ class PromptPoolOptions(MethodOptions):
     top_k: int = Field(2, ge=1, description="entries selected per sample")
     key_weight: float = Field(0.5, ge=0, description="weight of the key-matching loss (1 - cos)")
     init_std: float | None = Field(None, gt=0, description="prompt init std (default: the token embeddings' std)")
+    diversity: bool = Field(True, description="L2P's diversified selection while training: each entry's match "
+                                              "distance times its share of earlier tasks' selections")
 
     @model_validator(mode="after")
     def _k(self):
@@ -83,6 +87,9 @@ class PromptPoolMethod(Method):
         self._key_loss: torch.Tensor | None = None
         self._routed: torch.Tensor | None = None  # the selection route() made for the next generation batch
         self.last_selection: torch.Tensor | None = None  # for tests and routing statistics
+        self.usage: torch.Tensor | None = None  # selections per entry while training finished tasks
+        self.usage_by_task: dict[str, list[int]] = {}
+        self._task_usage: torch.Tensor | None = None
 
     # --- setup: freeze, add the pool, hook the model ------------------------------------------
     @property
@@ -117,9 +124,17 @@ class PromptPoolMethod(Method):
         """The frozen (image, text) query features of a batch."""
         return self._queries(input_ids, attention_mask, pixel_values)
 
-    def select(self, image_q: torch.Tensor, text_q: torch.Tensor) -> torch.Tensor:
-        """Top-k entries per sample by cos(image, key) + cos(text, key); ties go to the lower index."""
+    def select(self, image_q: torch.Tensor, text_q: torch.Tensor, diversify: bool = False) -> torch.Tensor:
+        """Top-k entries per sample by cos(image, key) + cos(text, key); ties go to the lower index.
+
+        ``diversify`` (training, L2P's diversified selection): the match distance 2 - score is
+        multiplied by each entry's share h of the selections made while training earlier tasks
+        (plus 1e-3, so that among unused entries the best match still wins): a new task takes
+        the entries earlier tasks left unused, and shares the others only when it must."""
         score = key_scores(image_q, text_q, self.pool.image_keys, self.pool.text_keys)
+        if diversify and self.usage is not None and float(self.usage.sum()) > 0:
+            share = (self.usage / self.usage.sum()).to(score.device, score.dtype)
+            score = -(2 - score) * (share + 1e-3)
         score = score - 1e-6 * torch.arange(score.shape[1], device=score.device)  # deterministic tie-break
         return score.topk(self.options.top_k, dim=-1).indices.sort(dim=-1).values
 
@@ -145,9 +160,12 @@ class PromptPoolMethod(Method):
         if mask is None:
             mask = torch.ones_like(input_ids)
         cols = self._placeholders(input_ids, mask)
+        training = torch.is_grad_enabled() and pixel_values is not None
         if pixel_values is not None:
             image_q, text_q = self.queries(input_ids, mask, pixel_values)
-            chosen = self.select(image_q, text_q)
+            chosen = self.select(image_q, text_q, diversify=training and self.options.diversity)
+            if training and self._task_usage is not None:
+                self._task_usage += torch.bincount(chosen.flatten().cpu(), minlength=self.options.pool_size)
         elif self._routed is not None and self._routed.shape[0] == input_ids.shape[0]:
             chosen, self._routed = self._routed, None
         else:
@@ -179,8 +197,28 @@ class PromptPoolMethod(Method):
         loss, self._key_loss = self._key_loss, None
         return None if loss is None else self.options.key_weight * loss
 
+    def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
+        self._task_usage = torch.zeros(self.options.pool_size, dtype=torch.float64)
+
+    def after_task(self, task: str, ctx: TaskContext) -> None:
+        counts, self._task_usage = self._task_usage, None
+        if counts is None:
+            return
+        if getattr(ctx.accelerator, "num_processes", 1) > 1:  # every rank selected for its share of the batch
+            counts = ctx.accelerator.reduce(counts.to(ctx.accelerator.device), "sum").cpu()
+        self.usage = counts if self.usage is None else self.usage + counts
+        self.usage_by_task[task] = [int(c) for c in counts.tolist()]
+
+    def report(self) -> dict:
+        return {"selections_per_entry": self.usage_by_task}
+
     def state_dict(self):
-        return {}, {"prefix_tokens": self.n_prefix}
+        tensors = {} if self.usage is None else {"usage": self.usage.contiguous()}
+        return tensors, {"prefix_tokens": self.n_prefix, "usage_by_task": self.usage_by_task}
+
+    def load_state_dict(self, tensors, meta) -> None:
+        self.usage = tensors.get("usage")
+        self.usage_by_task = {t: list(v) for t, v in meta.get("usage_by_task", {}).items()}
 
 
 def extend_basis(basis: torch.Tensor | None, rows: torch.Tensor, energy: float) -> torch.Tensor:
@@ -245,11 +283,13 @@ class FwdPrompt(PromptPoolMethod):
         self.pre_basis: torch.Tensor | None = None
 
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
+        super().before_task(task, samples, ctx)
         if self.pre_basis is None and self.options.pretrained > 0:
             self.pre_basis = extend_basis(None, self.embeddings(self._pretrained_samples(ctx), ctx),
                                           self.options.pretrained_energy)
 
     def after_task(self, task: str, ctx: TaskContext) -> None:
+        super().after_task(task, ctx)
         if self.options.residual:
             data = ctx.train_data[task]
             self.old_basis = extend_basis(self.old_basis, self.embeddings(self._sample(data, ctx), ctx),
@@ -318,16 +358,16 @@ class FwdPrompt(PromptPoolMethod):
 
     # --- checkpoints --------------------------------------------------------------------------
     def state_dict(self):
-        tensors = {}
+        tensors, meta = super().state_dict()
         if self.old_basis is not None:
             tensors["old_basis"] = self.old_basis.contiguous()
         if self.pre_basis is not None:
             tensors["pre_basis"] = self.pre_basis.contiguous()
-        return tensors, {"prefix_tokens": self.n_prefix,
-                         "old_rank": 0 if self.old_basis is None else self.old_basis.shape[1],
+        return tensors, {**meta, "old_rank": 0 if self.old_basis is None else self.old_basis.shape[1],
                          "pre_rank": 0 if self.pre_basis is None else self.pre_basis.shape[1]}
 
     def load_state_dict(self, tensors, meta) -> None:
+        super().load_state_dict(tensors, meta)
         self.old_basis = tensors.get("old_basis")
         self.pre_basis = tensors.get("pre_basis")
 
