@@ -41,3 +41,14 @@ def test_generation_batches_are_left_padded(tmp_path):
     assert batch["attention_mask"][0, 0] == 0  # the shorter prompt is padded on the left
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 2
+
+
+def test_memoised_ids_follow_the_prompt_placeholders(tmp_path):
+    model, processor, enc, samples = _encoder(tmp_path)
+    first = enc.train_batch(samples)
+    assert torch.equal(enc.train_batch(samples)["input_ids"], first["input_ids"])  # served from the memo
+    enc.prefix_tokens = 3  # a prompt method reserves placeholders after setup: the ids must follow
+    shifted = enc.train_batch(samples)
+    assert shifted["input_ids"].shape[1] == first["input_ids"].shape[1] + 3
+    assert (shifted["input_ids"][:, 1:4] == processor.tokenizer.pad_token_id).all()
+    assert torch.equal(shifted["labels"][:, 4:], first["labels"][:, 1:])
