@@ -181,3 +181,43 @@ def test_epochs_set_the_steps():
     assert OptimConfig(epochs=1, batch_size=16).steps_for(100) == 7
     assert OptimConfig(epochs=2, batch_size=16, grad_accum=2).steps_for(100) == 7
     assert OptimConfig(epochs=0.01, batch_size=16).steps_for(100) == 1
+
+
+def test_sweep_plans_validates_and_names_runs(tmp_path):
+    from mcit.errors import ConfigError
+    from mcit.sweep import plan_sweep
+
+    synth = SMOKE.parent
+    runs = plan_sweep([synth / "ewc.yaml", synth / "caption_start" / "ewc.yaml"], ["method.lam=0.1,10"], ["seed=1"])
+    assert [r.name for r in runs] == ["ewc__method.lam=0.1", "ewc__method.lam=10",
+                                      "ewc_caption_start__method.lam=0.1", "ewc_caption_start__method.lam=10"]
+    assert runs[1].overrides == ("seed=1", "method.lam=10")
+    with pytest.raises(ConfigError, match="would both write 'ewc'"):
+        plan_sweep([synth / "ewc.yaml", synth / "ewc.yaml"])
+    with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
+        plan_sweep([synth / "ewc.yaml"], ["method.lam"])
+    with pytest.raises(ConfigError, match="given twice"):
+        plan_sweep([synth / "ewc.yaml"], ["seed=1", "seed=2"])
+    with pytest.raises(ConfigError, match="nope"):  # every run is validated before any trains
+        plan_sweep([synth / "ewc.yaml"], ["method.nope=1,2"])
+
+
+def test_sweep_runs_each_grid_point_and_continues(smoke_cfg, tmp_path, monkeypatch, capsys):
+    from mcit import runner
+    from mcit.config import load_config
+
+    out = tmp_path / "sweep"
+    argv = ["mcit", "sweep", str(SMOKE), "--out", str(out), "--set", f"cache_dir={smoke_cfg().cache_dir}",
+            "--set", "benchmark.tasks=[color,count]", "--grid", "train.lr=0.001,0.004", "--quiet"]
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    first = capsys.readouterr().out
+    names = ["smoke__train.lr=0.001", "smoke__train.lr=0.004"]
+    results = [json.loads((out / n / "results.json").read_text()) for n in names]
+    assert [load_config(out / n / "config.yaml").train.lr for n in names] == [0.001, 0.004]
+    assert results[0]["matrix"] != results[1]["matrix"]  # the grid value reached training
+    assert "[2/2] smoke__train.lr=0.004" in first and (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # a second call finds both runs finished: nothing trains again
+    monkeypatch.setattr(runner, "train_stage", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    main()
+    assert [json.loads((out / n / "results.json").read_text())["matrix"] for n in names] == [r["matrix"] for r in results]

@@ -275,16 +275,20 @@ def compare(
     tradeoff: Annotated[str | None, typer.Option("--tradeoff", help="Plot stability/plasticity against this config key, e.g. method.alpha")] = None,
 ):
     """A table of the metrics of several runs, and one figure."""
+    _compare(run_dirs, figure, by, tradeoff)
+
+
+def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff: str | None) -> None:
     from mcit.report import METRICS, group_rows, tradeoff_png
     from mcit.report import compare as compare_runs
     from mcit.utils import atomic_write_bytes
 
+    if by not in (None, "method", "run"):
+        raise McitError(f"--by: expected 'method' or 'run', got {by!r}")
     rows = compare_runs(run_dirs, None if tradeoff else figure)
     if tradeoff and figure:
         atomic_write_bytes(figure, tradeoff_png(rows, tradeoff))
     if by is not None:
-        if by not in ("method", "run"):
-            raise McitError(f"--by: expected 'method' or 'run', got {by!r}")
         table = Table(title=f"mcit compare (mean ± std over runs, by {by})")
         for col in (by, "runs", *METRICS):
             table.add_column(col, justify="left" if col == by else "right")
@@ -301,6 +305,33 @@ def compare(
     out.print(table)
     if figure:
         out.print(f"figure: {figure}")
+
+
+@app.command()
+def sweep(
+    configs: Annotated[list[Path], typer.Argument(help="Run configs, run one after another")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the runs (one per config and grid point) and the comparison")],
+    grid: Annotated[list[str] | None, typer.Option("--grid", help="KEY=V1,V2,...: run every config at each value (repeatable: all combinations)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in every run (repeatable)")] = None,
+    by: Annotated[str | None, typer.Option("--by", help="Group the comparison by 'method' or 'run'")] = None,
+    tradeoff: Annotated[str | None, typer.Option("--tradeoff", help="Plot stability/plasticity against this config key")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
+):
+    """Several configs, and a grid of overrides over them, run into one folder and compared.
+    Every config is validated first; run it again to continue a sweep that was stopped."""
+    from mcit.sweep import plan_sweep, run_sweep
+
+    if by not in (None, "method", "run"):
+        raise McitError(f"--by: expected 'method' or 'run', got {by!r}")
+    runs = plan_sweep(configs, grid, set_)
+    _quiet_libraries()
+    out.print(f"sweep: {len(runs)} runs into {out_dir}")
+
+    def started(i, r, target):
+        out.print(f"[{i + 1}/{len(runs)}] {r.name}: {r.config} {' '.join('--set ' + o for o in r.overrides)}".rstrip())
+
+    dirs = run_sweep(runs, out_dir, show_progress=not quiet, on_start=started)
+    _compare(dirs, out_dir / ("tradeoff.png" if tradeoff else "compare.png"), by, tradeoff)
 
 
 def main() -> None:
