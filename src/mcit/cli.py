@@ -278,13 +278,17 @@ def compare(
     _compare(run_dirs, figure, by, tradeoff)
 
 
+def _check_by(by: str | None) -> None:
+    if by not in (None, "method", "run"):
+        raise McitError(f"--by: expected 'method' or 'run', got {by!r}")
+
+
 def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff: str | None) -> None:
     from mcit.report import METRICS, group_rows, tradeoff_png
     from mcit.report import compare as compare_runs
     from mcit.utils import atomic_write_bytes
 
-    if by not in (None, "method", "run"):
-        raise McitError(f"--by: expected 'method' or 'run', got {by!r}")
+    _check_by(by)
     rows = compare_runs(run_dirs, None if tradeoff else figure)
     if tradeoff and figure:
         atomic_write_bytes(figure, tradeoff_png(rows, tradeoff))
@@ -321,8 +325,7 @@ def sweep(
     Every config is validated first; run it again to continue a sweep that was stopped."""
     from mcit.sweep import plan_sweep, run_sweep
 
-    if by not in (None, "method", "run"):
-        raise McitError(f"--by: expected 'method' or 'run', got {by!r}")
+    _check_by(by)
     runs = plan_sweep(configs, grid, set_)
     _quiet_libraries()
     out.print(f"sweep: {len(runs)} runs into {out_dir}")

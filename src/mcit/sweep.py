@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+from mcit.config import RunConfig
 from mcit.errors import ConfigError
 
 
@@ -21,6 +22,7 @@ class SweepRun:
     name: str  # the run's folder under the sweep's folder
     config: Path
     overrides: tuple[str, ...]
+    cfg: RunConfig  # the validated config with its overrides
 
 
 def parse_grid(grid: list[str]) -> list[tuple[str, list[str]]]:
@@ -57,7 +59,7 @@ def plan_sweep(configs: list[Path], grid: list[str] | None = None, sets: list[st
                     f"sweep: {config} and {seen[name].config} would both write {name!r}; give the configs distinct "
                     "'name:' keys"
                 )
-            run = SweepRun(name, config, overrides)
+            run = SweepRun(name, config, overrides, cfg)
             seen[name] = run
             runs.append(run)
     return runs
@@ -65,7 +67,6 @@ def plan_sweep(configs: list[Path], grid: list[str] | None = None, sets: list[st
 
 def run_sweep(runs: list[SweepRun], out_dir: Path, show_progress: bool = True, on_start=None) -> list[Path]:
     """Run (or continue) each planned run under ``out_dir``; the run folders, in order."""
-    from mcit.config import load_config
     from mcit.runner import run as run_stream
 
     dirs = []
@@ -73,7 +74,7 @@ def run_sweep(runs: list[SweepRun], out_dir: Path, show_progress: bool = True, o
         target = out_dir / r.name
         if on_start is not None:
             on_start(i, r, target)
-        run_stream(load_config(r.config, list(r.overrides)), target, resume=True, show_progress=show_progress)
+        run_stream(r.cfg, target, resume=True, show_progress=show_progress)
         dirs.append(target)
     return dirs
 

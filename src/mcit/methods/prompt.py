@@ -132,9 +132,8 @@ class PromptPoolMethod(Method):
         (plus 1e-3, so that among unused entries the best match still wins): a new task takes
         the entries earlier tasks left unused, and shares the others only when it must."""
         score = key_scores(image_q, text_q, self.pool.image_keys, self.pool.text_keys)
-        if diversify and self.usage is not None and float(self.usage.sum()) > 0:
-            share = (self.usage / self.usage.sum()).to(score.device, score.dtype)
-            score = -(2 - score) * (share + 1e-3)
+        if diversify and self.usage is not None:  # kept on the pool's device, non-zero: no sync per step
+            score = -(2 - score) * ((self.usage / self.usage.sum()).to(score.dtype) + 1e-3)
         score = score - 1e-6 * torch.arange(score.shape[1], device=score.device)  # deterministic tie-break
         return score.topk(self.options.top_k, dim=-1).indices.sort(dim=-1).values
 
@@ -165,7 +164,7 @@ class PromptPoolMethod(Method):
             image_q, text_q = self.queries(input_ids, mask, pixel_values)
             chosen = self.select(image_q, text_q, diversify=training and self.options.diversity)
             if training and self._task_usage is not None:
-                self._task_usage += torch.bincount(chosen.flatten().cpu(), minlength=self.options.pool_size)
+                self._task_usage += torch.bincount(chosen.flatten(), minlength=self.options.pool_size)
         elif self._routed is not None and self._routed.shape[0] == input_ids.shape[0]:
             chosen, self._routed = self._routed, None
         else:
@@ -198,26 +197,28 @@ class PromptPoolMethod(Method):
         return None if loss is None else self.options.key_weight * loss
 
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
-        self._task_usage = torch.zeros(self.options.pool_size, dtype=torch.float64)
+        self._task_usage = torch.zeros(self.options.pool_size, dtype=torch.long, device=self.pool.prompts.device)
 
     def after_task(self, task: str, ctx: TaskContext) -> None:
         counts, self._task_usage = self._task_usage, None
         if counts is None:
             return
         if getattr(ctx.accelerator, "num_processes", 1) > 1:  # every rank selected for its share of the batch
-            counts = ctx.accelerator.reduce(counts.to(ctx.accelerator.device), "sum").cpu()
-        self.usage = counts if self.usage is None else self.usage + counts
+            counts = ctx.accelerator.reduce(counts, "sum")
         self.usage_by_task[task] = [int(c) for c in counts.tolist()]
+        if sum(self.usage_by_task[task]):  # usage stays None or non-zero: select() divides by its sum
+            self.usage = counts.double() if self.usage is None else self.usage + counts.double()
 
     def report(self) -> dict:
         return {"selections_per_entry": self.usage_by_task}
 
     def state_dict(self):
-        tensors = {} if self.usage is None else {"usage": self.usage.contiguous()}
+        tensors = {} if self.usage is None else {"usage": self.usage.cpu().contiguous()}
         return tensors, {"prefix_tokens": self.n_prefix, "usage_by_task": self.usage_by_task}
 
     def load_state_dict(self, tensors, meta) -> None:
-        self.usage = tensors.get("usage")
+        usage = tensors.get("usage")
+        self.usage = None if usage is None else usage.to(self.pool.prompts.device)
         self.usage_by_task = {t: list(v) for t, v in meta.get("usage_by_task", {}).items()}
 
 
