@@ -36,7 +36,7 @@ def smoke_run(smoke_cfg, tmp_path_factory):
     return out, results
 
 
-def make_tiny(tmp_path):
+def make_tiny(tmp_path, text_layers=1):
     """An untrained tiny LLaVA, its processor, an encoder and two samples with one image."""
     from PIL import Image
 
@@ -47,7 +47,7 @@ def make_tiny(tmp_path):
 
     Image.new("RGB", (48, 48), (10, 20, 30)).save(tmp_path / "i.png")
     tok = build_word_tokenizer(["what color is the circle ?", "red blue", "a long answer here"])
-    spec = TinyModelConfig(text_hidden=32, text_heads=2, vision_hidden=16, vision_heads=2, text_layers=1, vision_layers=1)
+    spec = TinyModelConfig(text_hidden=32, text_heads=2, vision_hidden=16, vision_heads=2, text_layers=text_layers, vision_layers=1)
     model, processor = build_tiny_llava(spec, tok)
     enc = Encoder(processor, "USER: {question} ASSISTANT:", max_length=32)
     samples = [

@@ -23,11 +23,11 @@ def _method(name, **options):
     return cls(cls.Options.model_validate(options))
 
 
-def _tiny_ctx(tmp_path, train=None):
+def _tiny_ctx(tmp_path, train=None, text_layers=1):
     from mcit.models.tuning import apply_tuning
 
     torch.manual_seed(0)
-    model, processor, enc, samples = make_tiny(tmp_path)
+    model, processor, enc, samples = make_tiny(tmp_path, text_layers)
     model = apply_tuning(model, "full")
     ctx = TaskContext(model, _NoAccelerator(), None, ["a"], train or {"a": samples}, seed=7)
     ctx.extras["encoder"] = enc

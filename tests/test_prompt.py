@@ -61,7 +61,7 @@ def test_bases_stay_orthonormal_and_capture_each_task():
 
 
 def _prompted(tmp_path, name="prompt_pool", seed=7, **options):
-    model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
+    model, processor, enc, samples, ctx = _tiny_ctx(tmp_path, text_layers=max(1, options.get("depth", 1)))
     ctx.seed = seed
     m = _method(name, **{"pool_size": 4, "length": 2, "top_k": 2, **options})
     m.setup(model, ctx)
@@ -88,6 +88,51 @@ def test_only_the_pool_trains_and_its_prompts_fill_the_placeholders(tmp_path):
     assert set(grads) == {f"{POOL_ATTR}.prompts", f"{POOL_ATTR}.text_keys", f"{POOL_ATTR}.image_keys"}
     unselected = [i for i in range(4) if i not in chosen.flatten().tolist()]
     assert all(m.pool.prompts.grad[i].abs().sum() == 0 for i in unselected)
+
+
+def test_deep_prompts_fill_each_layers_placeholders(tmp_path):
+    from mcit.errors import ConfigError
+
+    m, model, enc, samples, ctx = _prompted(tmp_path, depth=2)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{POOL_ATTR}.prompts", f"{POOL_ATTR}.layer_prompts", f"{POOL_ATTR}.text_keys", f"{POOL_ATTR}.image_keys"}
+    batch = enc.train_batch(samples)
+    seen = {}
+    layer1 = model.model.language_model.layers[1]
+    handle = layer1.register_forward_pre_hook(lambda mod, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]),
+                                              with_kwargs=True)
+    out = model(**batch)
+    handle.remove()
+    chosen = m.last_selection
+    torch.testing.assert_close(seen["h"][:, 1:5], m.pool.layer_prompts[chosen, 0].reshape(2, 4, -1))
+    assert not torch.allclose(seen["h"][:, 1:5], m.pool.prompts[chosen].reshape(2, 4, -1))
+    out.loss.backward()
+    grad = m.pool.layer_prompts.grad
+    unselected = [i for i in range(4) if i not in chosen.flatten().tolist()]
+    assert all(grad[i].abs().sum() == 0 for i in unselected)
+    assert all(grad[i].abs().sum() > 0 for i in chosen.flatten().tolist())
+    # depth 1 on the same model keeps the pool of earlier versions: same prompts and keys, no layer prompts
+    model, _, _, _, ctx = _tiny_ctx(tmp_path, text_layers=2)
+    shallow = _method("prompt_pool", pool_size=4, length=2, top_k=2)
+    shallow.setup(model, ctx)
+    assert shallow.pool.layer_prompts is None and torch.equal(shallow.pool.prompts, m.pool.prompts)
+    model, _, _, _, ctx = _tiny_ctx(tmp_path, text_layers=2)
+    with pytest.raises(ConfigError, match="method.depth: 3 exceeds the language model's 2 layers"):
+        _method("prompt_pool", depth=3).setup(model, ctx)
+
+
+def test_fwd_prompt_projects_each_layers_prompts_off_its_own_old_basis(tmp_path):
+    m, model, enc, samples, ctx = _prompted(tmp_path, name="fwd_prompt", depth=2, pretrained=0.0)
+    ctx.train_data = {"a": samples}
+    m.after_task("a", ctx)
+    old0, old1 = m.old_bases
+    assert old0.shape[1] >= 1 and old1.shape[1] >= 1
+    assert not torch.allclose(old0.T @ old1, torch.eye(old0.shape[1], old1.shape[1], dtype=old0.dtype))  # two subspaces
+    model(**enc.train_batch(samples)).loss.backward()
+    m.before_step(ctx)
+    g0 = m.pool.prompts.grad.reshape(-1, old0.shape[0]).double()
+    g1 = m.pool.layer_prompts.grad.reshape(-1, old1.shape[0]).double()
+    assert g1.abs().max() > 0 and (g0 @ old0).abs().max() < 1e-5 and (g1 @ old1).abs().max() < 1e-5
 
 
 def test_selection_is_deterministic_for_a_seed(tmp_path):
@@ -128,13 +173,16 @@ def test_diversified_selection_gives_a_new_task_unused_entries(tmp_path):
     assert torch.equal(off.last_selection, plain)
 
 
-def test_batched_generation_with_prompts_matches_one_by_one(tmp_path):
+@pytest.mark.parametrize("depth", [1, 2])
+def test_batched_generation_with_prompts_matches_one_by_one(tmp_path, depth):
     from mcit.evaluate import generate
 
-    m, model, enc, samples, ctx = _prompted(tmp_path)
+    m, model, enc, samples, ctx = _prompted(tmp_path, depth=depth)
     torch.manual_seed(1)
     with torch.no_grad():
         m.pool.prompts.mul_(50)  # make the prompts matter for the output
+        if depth > 1:
+            m.pool.layer_prompts.mul_(50)
     seen = []
     lm = model.model.language_model
     handle = lm.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["inputs_embeds"].detach().clone()),
@@ -153,11 +201,11 @@ def test_batched_generation_with_prompts_matches_one_by_one(tmp_path):
     assert together == alone
 
 
-@pytest.mark.parametrize("name", ["prompt_pool", "fwd_prompt"])
-def test_prompt_methods_run_and_resume_exactly(smoke_cfg, tmp_path, monkeypatch, name):
+@pytest.mark.parametrize("name,depth", [("prompt_pool", 1), ("fwd_prompt", 1), ("fwd_prompt", 2)])
+def test_prompt_methods_run_and_resume_exactly(smoke_cfg, tmp_path, monkeypatch, name, depth):
     from mcit.methods import get_method
 
-    cfg = smoke_cfg(f"method.name={name}", "train.lr=0.05")
+    cfg = smoke_cfg(f"method.name={name}", "train.lr=0.05", f"method.depth={depth}", f"model.tiny.text_layers={depth}")
     whole = run(cfg, tmp_path / "whole", show_progress=False)
     assert whole["parameters"]["trainable"] < 0.05 * whole["parameters"]["total"]
     resumed = kill_and_resume(cfg, tmp_path / "killed", get_method(name), 2, 3, monkeypatch)
@@ -167,9 +215,10 @@ def test_prompt_methods_run_and_resume_exactly(smoke_cfg, tmp_path, monkeypatch,
     assert sum(usage["color"]) == 10 * 16 * 2  # steps x batch x top_k
     if name == "fwd_prompt":
         meta = json.loads((tmp_path / "whole" / "checkpoints" / "stage_03_ocr" / "method.json").read_text())
-        assert meta["old_rank"] >= 1 and meta["pre_rank"] >= 1
+        assert len(meta["old_rank"]) == depth and min(meta["old_rank"] + meta["pre_rank"]) >= 1
         from safetensors.torch import load_file
 
         a = load_file(str(tmp_path / "whole" / "checkpoints" / "stage_03_ocr" / "method.safetensors"))
         b = load_file(str(tmp_path / "killed" / "checkpoints" / "stage_03_ocr" / "method.safetensors"))
-        assert torch.equal(a["old_basis"], b["old_basis"]) and torch.equal(a["pre_basis"], b["pre_basis"])
+        keys = [k for k in a if "basis" in k]
+        assert len(keys) == 2 * depth and all(torch.equal(a[k], b[k]) for k in keys)

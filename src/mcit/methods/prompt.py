@@ -7,7 +7,10 @@ from its image (the vision tower's pooled feature) and its instruction (mean inp
 of its text tokens); the ``top_k`` entries with the highest cos(image) + cos(text) are
 selected and their prompts replace ``top_k x length`` placeholder positions right after <s>
 (the encoder's ``prefix_tokens``), so training, batched generation and the KV cache all see an
-ordinary, longer prompt. A key-matching loss (1 - cos) pulls the selected keys toward their
+ordinary, longer prompt. With ``depth`` n > 1 (deep prompts, as in P-tuning v2 / VPT-deep),
+each entry also holds prompts for the inputs of decoder layers 1..n-1, which overwrite the same
+placeholder columns of those layers' hidden states in a prefill (decoding steps read them from
+the KV cache). A key-matching loss (1 - cos) pulls the selected keys toward their
 queries. While training, selection is L2P's diversified one (``diversity``): entries that earlier
 tasks selected often look farther away, so each task trains entries of its own and keys them to
 its queries. Only the pool trains; the MLLM is frozen; no replay.
@@ -25,8 +28,12 @@ model's input-embedding space of width d):
   residual is reinforced, and the result is projected off U_old again so that it stays
   orthogonal to every old task's subspace.
 
+With deep prompts each prompted layer input has its own U_old and U_pre, built the same way from
+that layer's input hidden states (GPM's per-layer bases), and each layer's prompts are projected
+with them.
+
 The public record confirms the two projections and the pool; the energy criterion, the
-weighting and the re-projection are our reconstruction.
+weighting, the re-projection and the deep prompts are our reconstruction.
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ class PromptPoolOptions(MethodOptions):
     init_std: float | None = Field(None, gt=0, description="prompt init std (default: the token embeddings' std)")
     diversity: bool = Field(True, description="L2P's diversified selection while training: each entry's match "
                                               "distance times its share of earlier tasks' selections")
+    depth: int = Field(1, ge=1, description="language-model layers whose input carries the prompts: 1 = the input "
+                                            "embeddings only; n > 1 also gives each of the first n-1 decoder layers "
+                                            "after the embeddings prompts of their own (deep prompts)")
 
     @model_validator(mode="after")
     def _k(self):
@@ -62,11 +72,22 @@ class PromptPoolOptions(MethodOptions):
 
 
 class PromptPool(nn.Module):
-    def __init__(self, size: int, length: int, d_text: int, d_image: int, std: float, generator: torch.Generator):
+    def __init__(self, size: int, length: int, d_text: int, d_image: int, std: float, generator: torch.Generator,
+                 depth: int = 1):
         super().__init__()
         self.prompts = nn.Parameter(torch.randn(size, length, d_text, generator=generator) * std)
         self.text_keys = nn.Parameter(torch.randn(size, d_text, generator=generator))
         self.image_keys = nn.Parameter(torch.randn(size, d_image, generator=generator))
+        # Deep prompts: entry x decoder layer 1..depth-1 x length x d (drawn after the keys, so
+        # depth 1 keeps the pool of earlier versions bit for bit).
+        self.layer_prompts = (
+            nn.Parameter(torch.randn(size, depth - 1, length, d_text, generator=generator) * std) if depth > 1 else None
+        )
+
+    def values(self, layer: int) -> torch.Tensor:
+        """The prompts (entries x length x d) placed at the input of language-model layer ``layer``
+        (0 = the input embeddings)."""
+        return self.prompts if layer == 0 else self.layer_prompts[:, layer - 1]
 
 
 class _Stop(Exception):
@@ -90,6 +111,7 @@ class PromptPoolMethod(Method):
         self.usage: torch.Tensor | None = None  # selections per entry while training finished tasks
         self.usage_by_task: dict[str, list[int]] = {}
         self._task_usage: torch.Tensor | None = None
+        self._deep: tuple[torch.Tensor, torch.Tensor] | None = None  # (chosen, cols) for the deep layers' hooks
 
     # --- setup: freeze, add the pool, hook the model ------------------------------------------
     @property
@@ -98,12 +120,16 @@ class PromptPoolMethod(Method):
 
     def setup(self, model, ctx: TaskContext) -> None:
         base, tower, embed = llava_parts(ctx.unwrapped)
+        layers = self.decoder_layers(ctx) if self.options.depth > 1 else None
+        if layers is not None and self.options.depth > len(layers):
+            raise ConfigError(f"method.depth: {self.options.depth} exceeds the language model's {len(layers)} layers "
+                              f"(prompted inputs: the embeddings and decoder layers 1..{len(layers) - 1})")
         for p in base.parameters():
             p.requires_grad_(False)
         d_text, d_image = embed.weight.shape[1], tower.config.hidden_size
         std = self.options.init_std or float(embed.weight.detach().float().std())
         gen = torch.Generator().manual_seed(ctx.seed * 7919 + 17)
-        pool = PromptPool(self.options.pool_size, self.options.length, d_text, d_image, std, gen)
+        pool = PromptPool(self.options.pool_size, self.options.length, d_text, d_image, std, gen, self.options.depth)
         self.pool = pool.to(embed.weight.device, embed.weight.dtype)
         base.add_module(POOL_ATTR, self.pool)
         self.encoder = ctx.extras["encoder"]
@@ -118,6 +144,18 @@ class PromptPoolMethod(Method):
             raise McitError("prompt methods need a LLaVA model (LlavaForConditionalGeneration with .model)")
         inner.register_forward_pre_hook(self._select_hook, with_kwargs=True)
         embed.register_forward_hook(self._insert_hook)
+        if layers is not None:
+            for layer in range(1, self.options.depth):
+                layers[layer].register_forward_pre_hook(self._layer_hook(layer), with_kwargs=True)
+
+    @staticmethod
+    def decoder_layers(ctx: TaskContext) -> nn.ModuleList:
+        base, _, _ = llava_parts(ctx.unwrapped)
+        lm = base.model.language_model
+        layers = getattr(lm, "layers", None)
+        if layers is None:
+            raise McitError("method.depth > 1 needs a language model with .layers (Llama-like decoders)")
+        return layers
 
     # --- selection and insertion --------------------------------------------------------------
     def queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
@@ -151,7 +189,7 @@ class PromptPoolMethod(Method):
         self._routed = self.select(image_q, text_q)
 
     def _select_hook(self, module, args, kwargs):
-        self._pending, self._key_loss = None, None
+        self._pending, self._key_loss, self._deep = None, None, None
         input_ids, pixel_values = kwargs.get("input_ids"), kwargs.get("pixel_values")
         mask = kwargs.get("attention_mask")
         if input_ids is None or input_ids.shape[1] <= self.n_prefix:
@@ -185,11 +223,30 @@ class PromptPoolMethod(Method):
             return None
         chosen, cols = self._pending
         self._pending = None
-        values = self.pool.prompts[chosen].reshape(chosen.shape[0], self.n_prefix, -1).to(output.dtype)
-        rows = torch.arange(chosen.shape[0], device=output.device).unsqueeze(1).expand_as(cols)
-        output = output.clone()
-        output[rows, cols] = values
-        return output
+        self._deep = (chosen, cols) if self.options.depth > 1 else None
+        return self._place(output, 0, chosen, cols)
+
+    def _place(self, hidden: torch.Tensor, layer: int, chosen: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (B x L x d) with the chosen entries' prompts of ``layer`` at the placeholder columns."""
+        values = self.pool.values(layer)[chosen].reshape(chosen.shape[0], self.n_prefix, -1).to(hidden.dtype)
+        rows = torch.arange(chosen.shape[0], device=hidden.device).unsqueeze(1).expand_as(cols)
+        hidden = hidden.clone()
+        hidden[rows, cols] = values
+        return hidden
+
+    def _layer_hook(self, layer: int):
+        """A decoder layer's pre-hook: its input's placeholder columns get the layer's own prompts (a
+        prefill only: decoding steps find the prompts' keys and values in the KV cache)."""
+
+        def hook(module, args, kwargs):
+            if self._deep is None:
+                return None
+            chosen, cols = self._deep  # kept until the next forward: activation checkpointing re-runs layers
+            if args:
+                return (self._place(args[0], layer, chosen, cols), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": self._place(kwargs["hidden_states"], layer, chosen, cols)}
+
+        return hook
 
     # --- training ---------------------------------------------------------------------------
     def extra_loss(self, batch: dict, outputs, ctx: TaskContext) -> torch.Tensor | None:
@@ -280,27 +337,41 @@ class FwdPrompt(PromptPoolMethod):
 
     def __init__(self, options: FwdPromptOptions):
         super().__init__(options)
-        self.old_basis: torch.Tensor | None = None
-        self.pre_basis: torch.Tensor | None = None
+        # One basis per prompted layer input (0 = the input embeddings; deep prompts add layers).
+        self.old_bases: list[torch.Tensor | None] = [None] * options.depth
+        self.pre_bases: list[torch.Tensor | None] = [None] * options.depth
+
+    @property
+    def old_basis(self) -> torch.Tensor | None:
+        return self.old_bases[0]
+
+    @property
+    def pre_basis(self) -> torch.Tensor | None:
+        return self.pre_bases[0]
 
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
         super().before_task(task, samples, ctx)
-        if self.pre_basis is None and self.options.pretrained > 0:
-            self.pre_basis = extend_basis(None, self.embeddings(self._pretrained_samples(ctx), ctx),
-                                          self.options.pretrained_energy)
+        if self.pre_bases[0] is None and self.options.pretrained > 0:
+            rows = self.embeddings(self._pretrained_samples(ctx), ctx)
+            self.pre_bases = [extend_basis(None, r, self.options.pretrained_energy) for r in rows]
 
     def after_task(self, task: str, ctx: TaskContext) -> None:
         super().after_task(task, ctx)
         if self.options.residual:
-            data = ctx.train_data[task]
-            self.old_basis = extend_basis(self.old_basis, self.embeddings(self._sample(data, ctx), ctx),
-                                          self.options.energy)
+            rows = self.embeddings(self._sample(ctx.train_data[task], ctx), ctx)
+            self.old_bases = [extend_basis(b, r, self.options.energy) for b, r in zip(self.old_bases, rows, strict=True)]
 
     def before_step(self, ctx: TaskContext) -> None:
-        grad = self.pool.prompts.grad
-        if grad is not None:
-            self.pool.prompts.grad = project(grad, self.old_basis, self.pre_basis, self.options.residual,
-                                             self.options.pretrained)
+        pool = self.pool
+        if pool.prompts.grad is not None:
+            pool.prompts.grad = project(pool.prompts.grad, self.old_bases[0], self.pre_bases[0],
+                                        self.options.residual, self.options.pretrained)
+        if pool.layer_prompts is not None and pool.layer_prompts.grad is not None:
+            grad = pool.layer_prompts.grad.clone()
+            for layer in range(1, self.options.depth):
+                grad[:, layer - 1] = project(grad[:, layer - 1], self.old_bases[layer], self.pre_bases[layer],
+                                             self.options.residual, self.options.pretrained)
+            pool.layer_prompts.grad = grad
 
     # --- the embeddings the prompts interact with ---------------------------------------------
     def _sample(self, data: list[Sample], ctx: TaskContext) -> list[Sample]:
@@ -326,19 +397,28 @@ class FwdPrompt(PromptPoolMethod):
         return self._sample(samples, ctx)
 
     @torch.no_grad()
-    def embeddings(self, samples: list[Sample], ctx: TaskContext, batch_size: int = 16) -> torch.Tensor:
-        """The language model's input embeddings (text and image tokens, attended, placeholders and
-        padding excluded) of ``samples``, as rows: captured at the language model's input."""
+    def embeddings(self, samples: list[Sample], ctx: TaskContext, batch_size: int = 16) -> list[torch.Tensor]:
+        """The inputs of every prompted language-model layer (the input embeddings, then the deep
+        layers' hidden states) at the text and image tokens of ``samples`` (attended; placeholders
+        and padding excluded), as rows: one tensor per layer."""
         base, _, _ = llava_parts(ctx.unwrapped)
         lm = base.model.language_model if hasattr(base.model, "language_model") else base.language_model
+        depth = self.options.depth
         captured: list[torch.Tensor] = []
 
-        def grab(module, args, kwargs):
-            captured.append(kwargs["inputs_embeds"].detach())
-            raise _Stop
+        def grab(layer):
+            def hook(module, args, kwargs):
+                hidden = kwargs["inputs_embeds"] if layer == 0 else (args[0] if args else kwargs["hidden_states"])
+                captured.append(hidden.detach())
+                if layer == depth - 1:
+                    raise _Stop
+            return hook
 
-        handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
-        rows = []
+        handles = [lm.register_forward_pre_hook(grab(0), with_kwargs=True)]
+        if depth > 1:  # registered after the prompt hooks, so a layer's input is captured with its prompts
+            layers = self.decoder_layers(ctx)
+            handles += [layers[layer].register_forward_pre_hook(grab(layer), with_kwargs=True) for layer in range(1, depth)]
+        rows: list[list[torch.Tensor]] = [[] for _ in range(depth)]
         was_training = base.training
         base.eval()
         try:
@@ -349,28 +429,36 @@ class FwdPrompt(PromptPoolMethod):
                     base(**batch)
                 except _Stop:
                     pass
-                emb = captured.pop()
                 keep = batch["attention_mask"].bool() & (batch["input_ids"] != self.pad_id)
-                rows.append(emb[keep].float().cpu())
+                for layer, hidden in enumerate(captured):
+                    rows[layer].append(hidden[keep].float().cpu())
+                captured.clear()
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             base.train(was_training)
-        return torch.cat(rows)
+        return [torch.cat(r) for r in rows]
 
     # --- checkpoints --------------------------------------------------------------------------
+    @staticmethod
+    def _basis_key(kind: str, layer: int) -> str:
+        return kind if layer == 0 else f"{kind}.{layer}"  # layer 0 keeps the key of depth-1 checkpoints
+
     def state_dict(self):
         tensors, meta = super().state_dict()
-        if self.old_basis is not None:
-            tensors["old_basis"] = self.old_basis.contiguous()
-        if self.pre_basis is not None:
-            tensors["pre_basis"] = self.pre_basis.contiguous()
-        return tensors, {**meta, "old_rank": 0 if self.old_basis is None else self.old_basis.shape[1],
-                         "pre_rank": 0 if self.pre_basis is None else self.pre_basis.shape[1]}
+        for kind, bases in (("old_basis", self.old_bases), ("pre_basis", self.pre_bases)):
+            for layer, basis in enumerate(bases):
+                if basis is not None:
+                    tensors[self._basis_key(kind, layer)] = basis.contiguous()
+        rank = lambda b: 0 if b is None else b.shape[1]  # noqa: E731
+        return tensors, {**meta, "old_rank": [rank(b) for b in self.old_bases],
+                         "pre_rank": [rank(b) for b in self.pre_bases]}
 
     def load_state_dict(self, tensors, meta) -> None:
         super().load_state_dict(tensors, meta)
-        self.old_basis = tensors.get("old_basis")
-        self.pre_basis = tensors.get("pre_basis")
+        depth = self.options.depth
+        self.old_bases = [tensors.get(self._basis_key("old_basis", layer)) for layer in range(depth)]
+        self.pre_bases = [tensors.get(self._basis_key("pre_basis", layer)) for layer in range(depth)]
 
 
 __all__ = ["FwdPrompt", "PromptPool", "PromptPoolMethod", "extend_basis", "project"]
