@@ -135,6 +135,56 @@ def test_fwd_prompt_projects_each_layers_prompts_off_its_own_old_basis(tmp_path)
     assert g1.abs().max() > 0 and (g0 @ old0).abs().max() < 1e-5 and (g1 @ old1).abs().max() < 1e-5
 
 
+def test_exact_key_fit_keys_a_tasks_entries_to_its_queries_once(tmp_path):
+    from types import SimpleNamespace
+
+    from mcit.methods.query import pull_keys
+
+    m, model, enc, samples, ctx = _prompted(tmp_path, pool_size=6, key_fit="exact", keys=2, diversity=False)
+    ctx.config, ctx.train_data = SimpleNamespace(seed=7), {"a": samples, "b": samples}
+    assert not m.pool.text_keys.requires_grad and m.pool.text_keys.shape == (6, 2, 32)
+    before = m.pool.text_keys.detach().clone()
+    batch = enc.train_batch(samples)
+    m.before_task("a", samples, ctx)
+    out = model(**batch)  # a training forward: counts selections, no key loss
+    assert m.extra_loss(batch, out, ctx) is None
+    m.after_task("a", ctx)
+    mine = m.entries_of["a"]
+    assert mine == sorted(set(m.last_selection.flatten().tolist())) and m.keyed == mine
+    gen = enc.generation_batch(samples)
+    q_image, q_text = m.queries(gen["input_ids"], gen["attention_mask"], gen["pixel_values"])
+    for e in mine:
+        torch.testing.assert_close(m.pool.text_keys[e], pull_keys(q_text, 2, 100))
+        torch.testing.assert_close(m.pool.image_keys[e], pull_keys(q_image, 2, 100))
+    others = [e for e in range(6) if e not in mine]
+    assert torch.equal(m.pool.text_keys[others], before[others])
+    # its test samples now select its entries, and the routing report says so
+    ctx.stage, ctx.extras["eval_task"] = 1, "a"
+    m.route(enc.generation_batch(samples), ctx)
+    assert m.report()["routing_accuracy"] == {"1": {"a": 100.0}}
+    # a later task on the same entries leaves their keys alone
+    keyed = m.pool.text_keys.detach().clone()
+    m.before_task("b", samples, ctx)
+    model(**batch)
+    m.after_task("b", ctx)
+    assert m.entries_of["b"] == mine and m.keyed == mine and torch.equal(m.pool.text_keys, keyed)
+
+
+def test_a_training_query_leaves_the_answer_out(tmp_path):
+    """Training selects with the same query as generation (which has no answer), not with one that
+    averages the answer's tokens in."""
+    m, model, enc, samples, ctx = _prompted(tmp_path, pool_size=6, diversity=False)
+    train, gen = enc.train_batch(samples), enc.generation_batch(samples)
+    seen = []
+    m._queries = (lambda q: lambda *a, **kw: seen.append(q(*a, **kw)) or seen[-1])(m._queries)
+    model(**train)
+    _, text_train = seen[-1]
+    _, text_gen = m.queries(gen["input_ids"], gen["attention_mask"], gen["pixel_values"])
+    torch.testing.assert_close(text_train, text_gen)
+    _, with_answer = m._queries(train["input_ids"], train["attention_mask"], train["pixel_values"])
+    assert not torch.allclose(with_answer, text_gen)
+
+
 def test_selection_is_deterministic_for_a_seed(tmp_path):
     picks = []
     for seed in (7, 7, 8):
@@ -201,11 +251,13 @@ def test_batched_generation_with_prompts_matches_one_by_one(tmp_path, depth):
     assert together == alone
 
 
-@pytest.mark.parametrize("name,depth", [("prompt_pool", 1), ("fwd_prompt", 1), ("fwd_prompt", 2)])
-def test_prompt_methods_run_and_resume_exactly(smoke_cfg, tmp_path, monkeypatch, name, depth):
+@pytest.mark.parametrize("name,depth,key_fit", [("prompt_pool", 1, "loss"), ("prompt_pool", 1, "exact"),
+                                                ("fwd_prompt", 1, "loss"), ("fwd_prompt", 2, "loss")])
+def test_prompt_methods_run_and_resume_exactly(smoke_cfg, tmp_path, monkeypatch, name, depth, key_fit):
     from mcit.methods import get_method
 
-    cfg = smoke_cfg(f"method.name={name}", "train.lr=0.05", f"method.depth={depth}", f"model.tiny.text_layers={depth}")
+    cfg = smoke_cfg(f"method.name={name}", "train.lr=0.05", f"method.depth={depth}", f"model.tiny.text_layers={depth}",
+                    f"method.key_fit={key_fit}", "method.keys=2", "method.key_samples=32")
     whole = run(cfg, tmp_path / "whole", show_progress=False)
     assert whole["parameters"]["trainable"] < 0.05 * whole["parameters"]["total"]
     resumed = kill_and_resume(cfg, tmp_path / "killed", get_method(name), 2, 3, monkeypatch)
@@ -213,6 +265,10 @@ def test_prompt_methods_run_and_resume_exactly(smoke_cfg, tmp_path, monkeypatch,
     usage = whole["method_report"]["selections_per_entry"]
     assert list(usage) == ["color", "count", "ocr"] and resumed["method_report"] == whole["method_report"]
     assert sum(usage["color"]) == 10 * 16 * 2  # steps x batch x top_k
+    routing = whole["method_report"]["routing_accuracy"]
+    assert set(routing) == {"1", "2", "3"} and set(routing["3"]) == {"color", "count", "ocr"}
+    if key_fit == "exact":
+        assert resumed["method_report"]["entries_of_task"] == whole["method_report"]["entries_of_task"]
     if name == "fwd_prompt":
         meta = json.loads((tmp_path / "whole" / "checkpoints" / "stage_03_ocr" / "method.json").read_text())
         assert len(meta["old_rank"]) == depth and min(meta["old_rank"] + meta["pre_rank"]) >= 1

@@ -27,7 +27,7 @@ from mcit.data.format import Sample
 from mcit.errors import McitError
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
-from mcit.methods.query import FrozenQueries, key_scores
+from mcit.methods.query import FrozenQueries, key_scores, pull_keys
 from mcit.models.tuning import llava_parts
 
 
@@ -57,28 +57,6 @@ class ProjectorExperts(nn.Module):
                 out = y.new_zeros((x.shape[0], *y.shape[1:]))
             out[idx] = y
         return out
-
-
-def _pull_keys(queries: torch.Tensor, k: int, rounds: int) -> torch.Tensor:
-    """``k`` unit keys minimising mean(1 - cos(query, nearest key)) (see ``EProj.fit_keys``).
-
-    They start on queries spread by farthest-point selection (the first query, then each time the
-    query least similar to the keys so far), so the result depends on the data alone."""
-    q = nn.functional.normalize(queries.float(), dim=-1)
-    chosen = [0]
-    while len(chosen) < k:
-        chosen.append(int((q @ q[chosen].T).amax(1).argmin()))
-    keys, assign = q[chosen].clone(), None
-    for _ in range(rounds):
-        new = (q @ keys.T).argmax(1)
-        if assign is not None and torch.equal(new, assign):
-            break
-        assign = new
-        for j in range(k):
-            mine = q[assign == j]
-            if len(mine):  # a key no query is nearest to stays where it is
-                keys[j] = nn.functional.normalize(mine.sum(0), dim=0)
-    return keys
 
 
 class EProjOptions(MethodOptions):
@@ -130,7 +108,7 @@ class EProj(Method):
         e = self.expert_of[task]
         owners = [t for t, x in self.expert_of.items() if x == e]  # a reused expert keys on all its tasks
         samples = [s for t in owners for s in self._sample(ctx.train_data[t], ctx, t)]
-        image_q, text_q = self._batched_queries(samples)
+        image_q, text_q = self.queries.batched(samples, self.encoder, self.bank.image_keys.device)
         self.fit_keys(e, image_q, text_q)
 
     def fit_keys(self, e: int, image_q: torch.Tensor, text_q: torch.Tensor) -> None:
@@ -142,23 +120,13 @@ class EProj(Method):
         (Gradient steps on the same loss wander off an optimum where the queries are all alike,
         as a tiny vision tower's pooled features are: Adam rescales float noise to full steps.)"""
         with torch.no_grad():
-            self.bank.image_keys[e] = _pull_keys(image_q, self.options.keys, self.options.key_steps)
-            self.bank.text_keys[e] = _pull_keys(text_q, self.options.keys, self.options.key_steps)
+            self.bank.image_keys[e] = pull_keys(image_q, self.options.keys, self.options.key_steps)
+            self.bank.text_keys[e] = pull_keys(text_q, self.options.keys, self.options.key_steps)
 
     def _sample(self, data: list[Sample], ctx: TaskContext, task: str) -> list[Sample]:
         from mcit.similarity import sample_for_similarity
 
         return sample_for_similarity(data, self.options.key_samples, ctx.config.seed, task)
-
-    def _batched_queries(self, samples: list[Sample], batch_size: int = 64):
-        device = self.bank.image_keys.device
-        image, text = [], []
-        for i in range(0, len(samples), batch_size):
-            b = {k: v.to(device) for k, v in self.encoder.generation_batch(samples[i : i + batch_size]).items()}
-            qi, qt = self.queries(b["input_ids"], b["attention_mask"], b["pixel_values"])
-            image.append(qi)
-            text.append(qt)
-        return torch.cat(image), torch.cat(text)
 
     # --- inference ---------------------------------------------------------------------------
     def route(self, batch: dict, ctx: TaskContext) -> None:

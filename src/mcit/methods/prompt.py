@@ -38,6 +38,8 @@ weighting, the re-projection and the deep prompts are our reconstruction.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -46,7 +48,8 @@ from mcit.data.format import Sample
 from mcit.errors import ConfigError, McitError
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
-from mcit.methods.query import FrozenQueries, key_scores
+from mcit.methods.query import FrozenQueries, key_scores, pull_keys
+from mcit.models.encode import IGNORE_INDEX
 from mcit.models.tuning import llava_parts
 
 POOL_ATTR = "mcit_prompt_pool"  # the pool's name inside the model: its parameters checkpoint with the model's
@@ -60,6 +63,13 @@ class PromptPoolOptions(MethodOptions):
     init_std: float | None = Field(None, gt=0, description="prompt init std (default: the token embeddings' std)")
     diversity: bool = Field(True, description="L2P's diversified selection while training: each entry's match "
                                               "distance times its share of earlier tasks' selections")
+    keys: int = Field(1, ge=1, description="keys per entry and modality; an entry scores by its best-matching key")
+    key_fit: Literal["loss", "exact"] = Field(
+        "loss", description="loss: the key-matching loss trains the selected keys by gradient (L2P); exact: keys "
+        "do not train, and after each task the keys of the top_k entries it selected most (unless an earlier task "
+        "keyed them) are set to minimise that loss over its queries exactly (spherical k-means, as eproj's key phase)"
+    )
+    key_samples: int = Field(500, ge=1, description="training samples of a task whose queries an exact key fit uses")
     depth: int = Field(1, ge=1, description="language-model layers whose input carries the prompts: 1 = the input "
                                             "embeddings only; n > 1 also gives each of the first n-1 decoder layers "
                                             "after the embeddings prompts of their own (deep prompts)")
@@ -73,11 +83,12 @@ class PromptPoolOptions(MethodOptions):
 
 class PromptPool(nn.Module):
     def __init__(self, size: int, length: int, d_text: int, d_image: int, std: float, generator: torch.Generator,
-                 depth: int = 1):
+                 depth: int = 1, keys: int = 1):
         super().__init__()
+        shape = (size,) if keys == 1 else (size, keys)  # one key per entry keeps the earlier (size, d) layout
         self.prompts = nn.Parameter(torch.randn(size, length, d_text, generator=generator) * std)
-        self.text_keys = nn.Parameter(torch.randn(size, d_text, generator=generator))
-        self.image_keys = nn.Parameter(torch.randn(size, d_image, generator=generator))
+        self.text_keys = nn.Parameter(torch.randn(*shape, d_text, generator=generator))
+        self.image_keys = nn.Parameter(torch.randn(*shape, d_image, generator=generator))
         # Deep prompts: entry x decoder layer 1..depth-1 x length x d (drawn after the keys, so
         # depth 1 keeps the pool of earlier versions bit for bit).
         self.layer_prompts = (
@@ -107,11 +118,15 @@ class PromptPoolMethod(Method):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (selected entries B x k, placeholder cols B x P)
         self._key_loss: torch.Tensor | None = None
         self._routed: torch.Tensor | None = None  # the selection route() made for the next generation batch
+        self._labels: torch.Tensor | None = None  # the labels of the forward in progress (answer positions)
         self.last_selection: torch.Tensor | None = None  # for tests and routing statistics
         self.usage: torch.Tensor | None = None  # selections per entry while training finished tasks
         self.usage_by_task: dict[str, list[int]] = {}
         self._task_usage: torch.Tensor | None = None
         self._deep: tuple[torch.Tensor, torch.Tensor] | None = None  # (chosen, cols) for the deep layers' hooks
+        self.entries_of: dict[str, list[int]] = {}  # task -> the top_k entries it selected most while training
+        self.keyed: list[int] = []  # entries whose keys an exact fit has set (never refitted)
+        self.routing: dict[str, dict[str, list[int]]] = {}  # row -> task -> [samples on its own entries, samples]
 
     # --- setup: freeze, add the pool, hook the model ------------------------------------------
     @property
@@ -129,7 +144,11 @@ class PromptPoolMethod(Method):
         d_text, d_image = embed.weight.shape[1], tower.config.hidden_size
         std = self.options.init_std or float(embed.weight.detach().float().std())
         gen = torch.Generator().manual_seed(ctx.seed * 7919 + 17)
-        pool = PromptPool(self.options.pool_size, self.options.length, d_text, d_image, std, gen, self.options.depth)
+        o = self.options
+        pool = PromptPool(o.pool_size, o.length, d_text, d_image, std, gen, o.depth, o.keys)
+        if o.key_fit == "exact":  # the keys move only in the fit after each task
+            pool.text_keys.requires_grad_(False)
+            pool.image_keys.requires_grad_(False)
         self.pool = pool.to(embed.weight.device, embed.weight.dtype)
         base.add_module(POOL_ATTR, self.pool)
         self.encoder = ctx.extras["encoder"]
@@ -142,6 +161,7 @@ class PromptPoolMethod(Method):
         inner = getattr(base, "model", None)
         if inner is None or not hasattr(inner, "language_model"):
             raise McitError("prompt methods need a LLaVA model (LlavaForConditionalGeneration with .model)")
+        base.register_forward_pre_hook(self._labels_hook, with_kwargs=True)
         inner.register_forward_pre_hook(self._select_hook, with_kwargs=True)
         embed.register_forward_hook(self._insert_hook)
         if layers is not None:
@@ -187,9 +207,20 @@ class PromptPoolMethod(Method):
         features instead of pixels, so the selection is made here, from the batch itself)."""
         image_q, text_q = self.queries(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
         self._routed = self.select(image_q, text_q)
+        task = ctx.extras.get("eval_task") if ctx is not None else None
+        if task in self.entries_of:  # routing: how many samples select only their task's own entries
+            own = torch.zeros(self.options.pool_size, dtype=torch.bool, device=self._routed.device)
+            own[self.entries_of[task]] = True
+            cell = self.routing.setdefault(str(ctx.stage), {}).setdefault(task, [0, 0])
+            cell[0] += int(own[self._routed].all(1).sum())
+            cell[1] += int(self._routed.shape[0])
+
+    def _labels_hook(self, module, args, kwargs):
+        self._labels = kwargs.get("labels")
 
     def _select_hook(self, module, args, kwargs):
         self._pending, self._key_loss, self._deep = None, None, None
+        labels, self._labels = self._labels, None
         input_ids, pixel_values = kwargs.get("input_ids"), kwargs.get("pixel_values")
         mask = kwargs.get("attention_mask")
         if input_ids is None or input_ids.shape[1] <= self.n_prefix:
@@ -199,7 +230,9 @@ class PromptPoolMethod(Method):
         cols = self._placeholders(input_ids, mask)
         training = torch.is_grad_enabled() and pixel_values is not None
         if pixel_values is not None:
-            image_q, text_q = self.queries(input_ids, mask, pixel_values)
+            # A training batch's answer tokens stay out of the query: generation has none.
+            answer = labels != IGNORE_INDEX if labels is not None and labels.shape == input_ids.shape else None
+            image_q, text_q = self._queries(input_ids, mask, pixel_values, exclude=answer)
             chosen = self.select(image_q, text_q, diversify=training and self.options.diversity)
             if training and self._task_usage is not None:
                 self._task_usage += torch.bincount(chosen.flatten(), minlength=self.options.pool_size)
@@ -211,11 +244,9 @@ class PromptPoolMethod(Method):
         self._pending = (chosen, cols)
         if pixel_values is None:
             return None
-        if torch.is_grad_enabled() and self.options.key_weight > 0:
-            pool = self.pool
-            cos_i = nn.functional.cosine_similarity(pool.image_keys[chosen], image_q.unsqueeze(1).to(pool.image_keys.dtype), dim=-1)
-            cos_t = nn.functional.cosine_similarity(pool.text_keys[chosen], text_q.unsqueeze(1).to(pool.text_keys.dtype), dim=-1)
-            self._key_loss = ((1 - cos_i) + (1 - cos_t)).sum(1).mean()
+        if torch.is_grad_enabled() and self.options.key_weight > 0 and self.options.key_fit == "loss":
+            self._key_loss = ((1 - _best_cos(self.pool.image_keys[chosen], image_q))
+                              + (1 - _best_cos(self.pool.text_keys[chosen], text_q))).sum(1).mean()
         return None
 
     def _insert_hook(self, module, args, output):
@@ -265,18 +296,67 @@ class PromptPoolMethod(Method):
         self.usage_by_task[task] = [int(c) for c in counts.tolist()]
         if sum(self.usage_by_task[task]):  # usage stays None or non-zero: select() divides by its sum
             self.usage = counts.double() if self.usage is None else self.usage + counts.double()
+        order = sorted(range(len(counts)), key=lambda e: (-self.usage_by_task[task][e], e))
+        self.entries_of[task] = sorted(e for e in order[: self.options.top_k] if self.usage_by_task[task][e] > 0)
+        if self.options.key_fit == "exact":
+            self.fit_keys(task, ctx)
+
+    def fit_keys(self, task: str, ctx: TaskContext) -> None:
+        """Set the keys of the task's entries (those no earlier task keyed) to the minimiser of the
+        key-matching loss over its queries: per modality, the ``keys`` directions of spherical
+        k-means (one key: the queries' mean direction). Every entry of the task gets the same keys,
+        so its queries select them together."""
+        from mcit.similarity import sample_for_similarity
+
+        entries = [e for e in self.entries_of[task] if e not in self.keyed]
+        if not entries:
+            return
+        samples = sample_for_similarity(ctx.train_data[task], self.options.key_samples, ctx.config.seed, task)
+        image_q, text_q = self._queries.batched(samples, self.encoder, self.pool.prompts.device)
+        rounds = 100
+        with torch.no_grad():
+            for keys, q in ((self.pool.image_keys, image_q), (self.pool.text_keys, text_q)):
+                fitted = pull_keys(q, self.options.keys, rounds).to(keys.dtype)
+                for e in entries:
+                    keys[e] = fitted[0] if keys.dim() == 2 else fitted
+        self.keyed += entries
 
     def report(self) -> dict:
-        return {"selections_per_entry": self.usage_by_task}
+        return {
+            "selections_per_entry": self.usage_by_task,
+            "entries_of_task": self.entries_of,
+            # per row, the % of each trained task's test samples that select only that task's entries
+            "routing_accuracy": {row: {t: round(100.0 * c / n, 2) for t, (c, n) in cells.items() if n}
+                                 for row, cells in self.routing.items()},
+        }
 
     def state_dict(self):
         tensors = {} if self.usage is None else {"usage": self.usage.cpu().contiguous()}
-        return tensors, {"prefix_tokens": self.n_prefix, "usage_by_task": self.usage_by_task}
+        if self.options.key_fit == "exact":  # frozen keys are not among the trainable weights a checkpoint keeps
+            tensors |= {"image_keys": self.pool.image_keys.detach().cpu().contiguous(),
+                        "text_keys": self.pool.text_keys.detach().cpu().contiguous()}
+        return tensors, {"prefix_tokens": self.n_prefix, "usage_by_task": self.usage_by_task,
+                         "entries_of": self.entries_of, "keyed": self.keyed, "routing": self.routing}
 
     def load_state_dict(self, tensors, meta) -> None:
         usage = tensors.get("usage")
         self.usage = None if usage is None else usage.to(self.pool.prompts.device)
+        if "image_keys" in tensors:
+            with torch.no_grad():
+                self.pool.image_keys.copy_(tensors["image_keys"])
+                self.pool.text_keys.copy_(tensors["text_keys"])
         self.usage_by_task = {t: list(v) for t, v in meta.get("usage_by_task", {}).items()}
+        self.entries_of = {t: list(v) for t, v in meta.get("entries_of", {}).items()}
+        self.keyed = list(meta.get("keyed", []))
+        self.routing = {row: {t: list(c) for t, c in cells.items()} for row, cells in meta.get("routing", {}).items()}
+
+
+def _best_cos(keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """cos(query, key) of each selected entry (B x k x d keys), or of its best key (B x k x P x d)."""
+    q = q.to(keys.dtype).unsqueeze(1)
+    if keys.dim() == 4:
+        return nn.functional.cosine_similarity(keys, q.unsqueeze(2), dim=-1).amax(-1)
+    return nn.functional.cosine_similarity(keys, q, dim=-1)
 
 
 def extend_basis(basis: torch.Tensor | None, rows: torch.Tensor, energy: float) -> torch.Tensor:

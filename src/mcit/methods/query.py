@@ -1,7 +1,8 @@
 """Frozen per-sample query features of a LLaVA batch, for key matching (prompt pools, experts).
 
 image: the vision tower's pooled feature; text: the mean input embedding of the instruction's
-tokens (attended, not padding, placeholders, image tokens or <s>). Both under no_grad."""
+tokens (attended, not padding, placeholders, image tokens, <s> or a training batch's answer).
+Both under no_grad."""
 
 from __future__ import annotations
 
@@ -18,14 +19,53 @@ class FrozenQueries:
         self.image_id = tok.convert_tokens_to_ids(encoder.image_token)
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                 exclude: torch.Tensor | None = None):
+        """``exclude``: positions left out of the text query (a training batch's answer tokens, so that
+        a sample's query is the same in training and in generation, where there is no answer)."""
         image_q = self.tower(pixel_values.to(self.embed.weight.dtype)).pooler_output
         text = attention_mask.bool() & (input_ids != self.pad_id) & (input_ids != self.image_id)
+        if exclude is not None:
+            text &= ~exclude
         if self.bos_id is not None:
             text &= input_ids != self.bos_id
         emb = self.embed.weight[input_ids.clamp(min=0)]
         w = text.unsqueeze(-1).to(emb.dtype)
         return image_q, (emb * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+    def batched(self, samples, encoder, device, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (image, text) queries of ``samples``, in batches of generation inputs."""
+        image, text = [], []
+        for i in range(0, len(samples), batch_size):
+            b = {k: v.to(device) for k, v in encoder.generation_batch(samples[i : i + batch_size]).items()}
+            qi, qt = self(b["input_ids"], b["attention_mask"], b["pixel_values"])
+            image.append(qi)
+            text.append(qt)
+        return torch.cat(image), torch.cat(text)
+
+
+def pull_keys(queries: torch.Tensor, k: int, rounds: int) -> torch.Tensor:
+    """``k`` unit keys minimising mean(1 - cos(query, nearest key)), found exactly by spherical
+    k-means: assign every query to its nearest key, set each key to its queries' mean direction,
+    until no assignment changes or ``rounds`` rounds (one key: the queries' mean direction).
+
+    They start on queries spread by farthest-point selection (the first query, then each time the
+    query least similar to the keys so far), so the result depends on the data alone."""
+    q = torch.nn.functional.normalize(queries.float(), dim=-1)
+    chosen = [0]
+    while len(chosen) < k:
+        chosen.append(int((q @ q[chosen].T).amax(1).argmin()))
+    keys, assign = q[chosen].clone(), None
+    for _ in range(rounds):
+        new = (q @ keys.T).argmax(1)
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        for j in range(k):
+            mine = q[assign == j]
+            if len(mine):  # a key no query is nearest to stays where it is
+                keys[j] = torch.nn.functional.normalize(mine.sum(0), dim=0)
+    return keys
 
 
 def key_scores(image_q, text_q, image_keys, text_keys) -> torch.Tensor:
