@@ -199,8 +199,8 @@ def test_selection_is_deterministic_for_a_seed(tmp_path):
 
 def test_diversified_selection_gives_a_new_task_unused_entries(tmp_path):
     m, model, enc, samples, ctx = _prompted(tmp_path, pool_size=6)
-    batch = enc.train_batch(samples)
-    q = m.queries(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    batch, gen = enc.train_batch(samples), enc.generation_batch(samples)
+    q = m.queries(gen["input_ids"], gen["attention_mask"], gen["pixel_values"])  # the training query too
     plain = m.select(*q)
     assert torch.equal(m.select(*q, diversify=True), plain)  # nothing used yet: the plain selection
     m.before_task("a", samples, ctx)
@@ -210,6 +210,10 @@ def test_diversified_selection_gives_a_new_task_unused_entries(tmp_path):
     assert m.usage_by_task == {"a": [int(c) for c in m.usage.tolist()]}
     fresh = m.select(*q, diversify=True)
     assert not set(fresh.flatten().tolist()) & set(plain.flatten().tolist())  # entries task a left unused
+    with torch.no_grad():  # even an old entry keyed exactly to the queries loses to the unused ones
+        m.pool.image_keys[plain[0]] = q[0][0]
+        m.pool.text_keys[plain[0]] = q[1][0]
+    assert torch.equal(m.select(*q, diversify=True), fresh) and torch.equal(m.select(*q)[0], plain[0])
     assert torch.equal(m.select(*q), plain)  # inference matches keys alone
     with torch.no_grad():  # an evaluation forward neither diversifies nor counts
         m.before_task("b", samples, ctx)

@@ -186,12 +186,16 @@ class PromptPoolMethod(Method):
         """Top-k entries per sample by cos(image, key) + cos(text, key); ties go to the lower index.
 
         ``diversify`` (training, L2P's diversified selection): the match distance 2 - score is
-        multiplied by each entry's share h of the selections made while training earlier tasks
-        (plus 1e-3, so that among unused entries the best match still wins): a new task takes
-        the entries earlier tasks left unused, and shares the others only when it must."""
+        multiplied by each entry's share h of the selections made while training earlier tasks,
+        and entries no earlier task selected (h = 0) rank above all others, by their own match:
+        a new task takes the entries earlier tasks left unused, and shares the others only when
+        it must. (A small floor on h instead lets a well-keyed old entry, at distance ~0.01,
+        beat every unused one.)"""
         score = key_scores(image_q, text_q, self.pool.image_keys, self.pool.text_keys)
         if diversify and self.usage is not None:  # kept on the pool's device, non-zero: no sync per step
-            score = -(2 - score) * ((self.usage / self.usage.sum()).to(score.dtype) + 1e-3)
+            share = (self.usage / self.usage.sum()).to(score.dtype)
+            # used: -(2 - s) h in [-4, 0]; unused: 4 - (2 - s) in [0, 4]
+            score = torch.where(share > 0, -(2 - score) * share, 2 + score)
         score = score - 1e-6 * torch.arange(score.shape[1], device=score.device)  # deterministic tie-break
         return score.topk(self.options.top_k, dim=-1).indices.sort(dim=-1).values
 
