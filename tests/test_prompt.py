@@ -197,8 +197,22 @@ def test_selection_is_deterministic_for_a_seed(tmp_path):
     assert not torch.equal(picks[0][1], picks[2][1])
 
 
-def test_diversified_selection_gives_a_new_task_unused_entries(tmp_path):
+def test_batchwise_selection_gives_the_batch_its_most_selected_entries(tmp_path):
     m, model, enc, samples, ctx = _prompted(tmp_path, pool_size=6)
+    chosen = torch.tensor([[0, 3], [3, 5], [1, 3], [1, 5], [1, 2]])  # 3 and 1 three times each
+    assert m.batchwise(chosen).tolist() == [[1, 3]] * 5
+    assert m.batchwise(torch.tensor([[4, 5], [2, 4]])).tolist() == [[2, 4]] * 2  # ties: the lower index
+    gen = enc.generation_batch(samples)
+    own = m.select(*m.queries(gen["input_ids"], gen["attention_mask"], gen["pixel_values"]))
+    model(**enc.train_batch(samples))  # training: the batch-wise selection
+    assert torch.equal(m.last_selection, m.batchwise(own))
+    with torch.no_grad():  # evaluation: each sample its own
+        model(**enc.train_batch(samples))
+    assert torch.equal(m.last_selection, own)
+
+
+def test_diversified_selection_gives_a_new_task_unused_entries(tmp_path):
+    m, model, enc, samples, ctx = _prompted(tmp_path, pool_size=6, batchwise=False)
     batch, gen = enc.train_batch(samples), enc.generation_batch(samples)
     q = m.queries(gen["input_ids"], gen["attention_mask"], gen["pixel_values"])  # the training query too
     plain = m.select(*q)
@@ -221,7 +235,7 @@ def test_diversified_selection_gives_a_new_task_unused_entries(tmp_path):
         m.after_task("b", ctx)
     assert torch.equal(m.last_selection, plain) and sum(m.usage_by_task["b"]) == 0
     # with diversity off, training selects as inference does
-    off, model_off, *_ = _prompted(tmp_path, pool_size=6, diversity=False)
+    off, model_off, *_ = _prompted(tmp_path, pool_size=6, diversity=False, batchwise=False)
     off.usage = m.usage.clone()
     model_off(**batch)
     assert torch.equal(off.last_selection, plain)

@@ -63,6 +63,9 @@ class PromptPoolOptions(MethodOptions):
     init_std: float | None = Field(None, gt=0, description="prompt init std (default: the token embeddings' std)")
     diversity: bool = Field(True, description="L2P's diversified selection while training: each entry's match "
                                               "distance times its share of earlier tasks' selections")
+    batchwise: bool = Field(True, description="L2P's batch-wise selection while training: the whole batch takes "
+                                              "the top_k entries its samples selected most, so a task trains the "
+                                              "entries its queries select together at test time")
     keys: int = Field(1, ge=1, description="keys per entry and modality; an entry scores by its best-matching key")
     key_fit: Literal["loss", "exact"] = Field(
         "loss", description="loss: the key-matching loss trains the selected keys by gradient (L2P); exact: keys "
@@ -199,6 +202,14 @@ class PromptPoolMethod(Method):
         score = score - 1e-6 * torch.arange(score.shape[1], device=score.device)  # deterministic tie-break
         return score.topk(self.options.top_k, dim=-1).indices.sort(dim=-1).values
 
+    def batchwise(self, chosen: torch.Tensor) -> torch.Tensor:
+        """L2P's batch-wise selection: every sample of a training batch takes the ``top_k`` entries
+        the batch's samples selected most (ties to the lower index)."""
+        counts = torch.bincount(chosen.flatten(), minlength=self.options.pool_size)
+        rank = counts * self.options.pool_size - torch.arange(self.options.pool_size, device=counts.device)
+        top = rank.topk(self.options.top_k).indices.sort().values
+        return top.unsqueeze(0).expand(chosen.shape[0], -1)
+
     def _placeholders(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         slots = (input_ids == self.pad_id) & mask.bool()
         counts = slots.sum(1)
@@ -238,6 +249,8 @@ class PromptPoolMethod(Method):
             answer = labels != IGNORE_INDEX if labels is not None and labels.shape == input_ids.shape else None
             image_q, text_q = self._queries(input_ids, mask, pixel_values, exclude=answer)
             chosen = self.select(image_q, text_q, diversify=training and self.options.diversity)
+            if training and self.options.batchwise:
+                chosen = self.batchwise(chosen)
             if training and self._task_usage is not None:
                 self._task_usage += torch.bincount(chosen.flatten(), minlength=self.options.pool_size)
         elif self._routed is not None and self._routed.shape[0] == input_ids.shape[0]:
