@@ -142,12 +142,13 @@ def test_exact_key_fit_keys_a_tasks_entries_to_its_queries_once(tmp_path):
 
     m, model, enc, samples, ctx = _prompted(tmp_path, pool_size=6, key_fit="exact", keys=2, diversity=False)
     ctx.config, ctx.train_data = SimpleNamespace(seed=7), {"a": samples, "b": samples}
-    assert not m.pool.text_keys.requires_grad and m.pool.text_keys.shape == (6, 2, 32)
+    assert m.pool.text_keys.shape == (6, 2, 32)
     before = m.pool.text_keys.detach().clone()
     batch = enc.train_batch(samples)
     m.before_task("a", samples, ctx)
-    out = model(**batch)  # a training forward: counts selections, no key loss
-    assert m.extra_loss(batch, out, ctx) is None
+    out = model(**batch)  # a training forward: counts selections; the key loss trains keys meanwhile
+    m.extra_loss(batch, out, ctx).backward()
+    assert m.pool.text_keys.grad[m.last_selection[0]].abs().sum() > 0
     m.after_task("a", ctx)
     mine = m.entries_of["a"]
     assert mine == sorted(set(m.last_selection.flatten().tolist())) and m.keyed == mine

@@ -68,9 +68,9 @@ class PromptPoolOptions(MethodOptions):
                                               "entries its queries select together at test time")
     keys: int = Field(1, ge=1, description="keys per entry and modality; an entry scores by its best-matching key")
     key_fit: Literal["loss", "exact"] = Field(
-        "loss", description="loss: the key-matching loss trains the selected keys by gradient (L2P); exact: keys "
-        "do not train, and after each task the keys of the top_k entries it selected most (unless an earlier task "
-        "keyed them) are set to minimise that loss over its queries exactly (spherical k-means, as eproj's key phase)"
+        "loss", description="loss: the key-matching loss trains the selected keys by gradient (L2P); exact: as loss "
+        "while a task trains, then the keys of the top_k entries it selected most (unless an earlier task keyed "
+        "them) are set to minimise that loss over its queries exactly (spherical k-means, as eproj's key phase)"
     )
     key_samples: int = Field(500, ge=1, description="training samples of a task whose queries an exact key fit uses")
     depth: int = Field(1, ge=1, description="language-model layers whose input carries the prompts: 1 = the input "
@@ -149,9 +149,6 @@ class PromptPoolMethod(Method):
         gen = torch.Generator().manual_seed(ctx.seed * 7919 + 17)
         o = self.options
         pool = PromptPool(o.pool_size, o.length, d_text, d_image, std, gen, o.depth, o.keys)
-        if o.key_fit == "exact":  # the keys move only in the fit after each task
-            pool.text_keys.requires_grad_(False)
-            pool.image_keys.requires_grad_(False)
         self.pool = pool.to(embed.weight.device, embed.weight.dtype)
         base.add_module(POOL_ATTR, self.pool)
         self.encoder = ctx.extras["encoder"]
@@ -261,7 +258,7 @@ class PromptPoolMethod(Method):
         self._pending = (chosen, cols)
         if pixel_values is None:
             return None
-        if torch.is_grad_enabled() and self.options.key_weight > 0 and self.options.key_fit == "loss":
+        if torch.is_grad_enabled() and self.options.key_weight > 0:
             self._key_loss = ((1 - _best_cos(self.pool.image_keys[chosen], image_q))
                               + (1 - _best_cos(self.pool.text_keys[chosen], text_q))).sum(1).mean()
         return None
@@ -349,19 +346,12 @@ class PromptPoolMethod(Method):
 
     def state_dict(self):
         tensors = {} if self.usage is None else {"usage": self.usage.cpu().contiguous()}
-        if self.options.key_fit == "exact":  # frozen keys are not among the trainable weights a checkpoint keeps
-            tensors |= {"image_keys": self.pool.image_keys.detach().cpu().contiguous(),
-                        "text_keys": self.pool.text_keys.detach().cpu().contiguous()}
         return tensors, {"prefix_tokens": self.n_prefix, "usage_by_task": self.usage_by_task,
                          "entries_of": self.entries_of, "keyed": self.keyed, "routing": self.routing}
 
     def load_state_dict(self, tensors, meta) -> None:
         usage = tensors.get("usage")
         self.usage = None if usage is None else usage.to(self.pool.prompts.device)
-        if "image_keys" in tensors:
-            with torch.no_grad():
-                self.pool.image_keys.copy_(tensors["image_keys"])
-                self.pool.text_keys.copy_(tensors["text_keys"])
         self.usage_by_task = {t: list(v) for t, v in meta.get("usage_by_task", {}).items()}
         self.entries_of = {t: list(v) for t, v in meta.get("entries_of", {}).items()}
         self.keyed = list(meta.get("keyed", []))
