@@ -11,9 +11,12 @@ ordinary, longer prompt. With ``depth`` n > 1 (deep prompts, as in P-tuning v2 /
 each entry also holds prompts for the inputs of decoder layers 1..n-1, which overwrite the same
 placeholder columns of those layers' hidden states in a prefill (decoding steps read them from
 the KV cache). A key-matching loss (1 - cos) pulls the selected keys toward their
-queries. While training, selection is L2P's diversified one (``diversity``): entries that earlier
-tasks selected often look farther away, so each task trains entries of its own and keys them to
-its queries. Only the pool trains; the MLLM is frozen; no replay.
+queries (a training sample's query leaves its answer out: generation has none). While training,
+selection is L2P's batch-wise one (``batchwise``: the whole batch takes the ``top_k`` entries its
+samples selected most) and diversified one (``diversity``): entries that earlier tasks selected
+look farther away and unused entries come first, so each task trains entries of its own and
+keys them to its queries. ``key_fit: exact`` then sets those entries' keys to the key loss's
+exact minimiser over the task's queries (spherical k-means with ``keys`` per entry). Only the pool trains; the MLLM is frozen; no replay.
 
 ``fwd_prompt`` adds gradient projection on the prompt values (GPM-style, in the language
 model's input-embedding space of width d):
