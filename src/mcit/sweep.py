@@ -46,8 +46,7 @@ def plan_sweep(configs: list[Path], grid: list[str] | None = None, sets: list[st
     if not configs:
         raise ConfigError("sweep: name at least one config")
     axes = parse_grid(grid or [])
-    runs: list[SweepRun] = []
-    seen: dict[str, SweepRun] = {}
+    seen: dict[str, SweepRun] = {}  # by folder name, in plan order
     for config in configs:
         for point in itertools.product(*(vals for _, vals in axes)) if axes else [()]:
             point_sets = tuple(f"{k}={v}" for (k, _), v in zip(axes, point, strict=True))
@@ -59,10 +58,8 @@ def plan_sweep(configs: list[Path], grid: list[str] | None = None, sets: list[st
                     f"sweep: {config} and {seen[name].config} would both write {name!r}; give the configs distinct "
                     "'name:' keys"
                 )
-            run = SweepRun(name, config, overrides, cfg)
-            seen[name] = run
-            runs.append(run)
-    return runs
+            seen[name] = SweepRun(name, config, overrides, cfg)
+    return list(seen.values())
 
 
 def run_sweep(runs: list[SweepRun], out_dir: Path, show_progress: bool = True, on_start=None) -> list[Path]:

@@ -431,14 +431,6 @@ class FwdPrompt(PromptPoolMethod):
         self.old_bases: list[torch.Tensor | None] = [None] * options.depth
         self.pre_bases: list[torch.Tensor | None] = [None] * options.depth
 
-    @property
-    def old_basis(self) -> torch.Tensor | None:
-        return self.old_bases[0]
-
-    @property
-    def pre_basis(self) -> torch.Tensor | None:
-        return self.pre_bases[0]
-
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
         super().before_task(task, samples, ctx)
         if self.pre_bases[0] is None and self.options.pretrained > 0:
@@ -457,11 +449,10 @@ class FwdPrompt(PromptPoolMethod):
             pool.prompts.grad = project(pool.prompts.grad, self.old_bases[0], self.pre_bases[0],
                                         self.options.residual, self.options.pretrained)
         if pool.layer_prompts is not None and pool.layer_prompts.grad is not None:
-            grad = pool.layer_prompts.grad.clone()
+            grad = pool.layer_prompts.grad  # each layer's slice projected in place: no copy per step
             for layer in range(1, self.options.depth):
                 grad[:, layer - 1] = project(grad[:, layer - 1], self.old_bases[layer], self.pre_bases[layer],
                                              self.options.residual, self.options.pretrained)
-            pool.layer_prompts.grad = grad
 
     # --- the embeddings the prompts interact with ---------------------------------------------
     def _sample(self, data: list[Sample], ctx: TaskContext) -> list[Sample]:
