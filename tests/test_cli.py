@@ -94,7 +94,7 @@ def test_data_synth_writes_a_loadable_benchmark(monkeypatch, capsys, tmp_path):
                                       "--train-size", "3", "--test-size", "2", "--base-size", "2"])
     main()
     bench = load_benchmark(tmp_path / "s")
-    assert len(bench.task("ocr").load("test")) == 2 and set(bench.base) == {"describe", "locate"}
+    assert len(bench.task("ocr").load("test")) == 2 and set(bench.base) == {"describe", "locate", "tally", "narrate"}
 
 
 def test_compare_groups_seeds_and_plots_a_tradeoff(monkeypatch, capsys, smoke_run, smoke_cfg, tmp_path):
@@ -134,6 +134,15 @@ def test_every_shipped_config_validates():
     for path in sorted((root / "synth" / "caption_start").glob("*.yaml")):
         start, multi = load_config(path).model_dump(), load_config(root / "synth" / path.name).model_dump()
         assert start["base"]["mix"] == {"describe": 1.0} and len(multi["base"]["mix"]) == 2, path
+        for cfg in (start, multi):
+            cfg.pop("name"), cfg["base"].pop("mix")
+        assert start == multi, path
+    # the broad start (Fwd-Prompt's InstructBLIP setting) adds tally and narrate to the mix, nothing else
+    broad = sorted((root / "synth" / "broad_start").glob("*.yaml"))
+    assert {p.stem for p in broad} >= {"seqft", "prompt_pool", "fwd_prompt"}
+    for path in broad:
+        start, multi = load_config(path).model_dump(), load_config(root / "synth" / path.name).model_dump()
+        assert set(start["base"]["mix"]) == {"describe", "locate", "tally", "narrate"}, path
         for cfg in (start, multi):
             cfg.pop("name"), cfg["base"].pop("mix")
         assert start == multi, path

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from mcit.data import load_benchmark, load_task_file
-from mcit.data.synth import DEFAULT_STREAM, SCORERS, TASKS, generate_synth
+from mcit.data import synth
+from mcit.data.synth import BASE_PARTS, DEFAULT_STREAM, SCORERS, TASKS, generate_synth
 from mcit.errors import DataError
 
 
@@ -61,6 +62,32 @@ def test_tasks_have_paraphrases_and_answer_formats(small):
     assert box.startswith("[") and len(json.loads(box)) == 4
     vqa = bench.task("color").load("test")[0]
     assert vqa.references == [vqa.answer] * 10
+
+
+def test_base_parts_answer_from_the_scene_and_teach_no_stream_instruction(small, monkeypatch):
+    import random
+
+    bench = load_benchmark(small)
+    assert sorted(bench.base) == sorted(BASE_PARTS)
+    stream_questions = {s.question for t in TASKS for s in bench.task(t).load("train")}
+    for part in BASE_PARTS:
+        samples = bench.load_base(part)
+        assert len(samples) == 30 and not {s.question for s in samples} & stream_questions, part
+    scenes = []
+    real = synth.shape_scene
+    monkeypatch.setattr(synth, "shape_scene", lambda *a, **k: scenes.append(real(*a, **k)) or scenes[-1])
+    rng = random.Random(0)
+    for _ in range(200):
+        _, question, answer, _ = synth.gen_tally(rng, 48)
+        objs = scenes[-1][1]
+        attr = question.split()[2].rstrip("s")  # "How many red things ..." / "How many circles ..."
+        assert int(answer) == sum(attr in (o.color, o.shape) for o in objs), question
+    assert len({a for a in (synth.gen_tally(rng, 48)[2] for _ in range(200))}) >= 4  # several counts
+    for _ in range(50):
+        _, _, answer, _ = synth.gen_narrate(rng, 48)
+        objs = scenes[-1][1]
+        assert answer.startswith(f"this scene shows {synth.NUMBER_WORDS[len(objs)]} shape")
+        assert all(f"a {o.name} on the {o.where}" in answer for o in objs)
 
 
 def test_malformed_line_names_file_and_line(tmp_path):

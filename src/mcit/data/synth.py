@@ -18,7 +18,10 @@ The ``base`` parts instruction-pretrain the starting model: ``describe`` lists e
 shape scene or the word of a text image in a fixed format, and ``locate`` names the object at a
 place or the place of an object, teaching the model to see shapes, colours, positions and text
 and to bind a named object to its place, without teaching any stream task's instruction or
-answer format.
+answer format. The default mix is these two. ``tally`` (how many objects of one colour or one
+shape: a digit) and ``narrate`` (a sentence about the scene) are for a broader start, like a
+multi-task instruction-tuned model (InstructBLIP) whose answers already hold numbers and
+sentences, though neither is a stream task's instruction or answer format.
 """
 
 from __future__ import annotations
@@ -52,10 +55,10 @@ WORDS = (
 ).split()
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-SYNTH_VERSION = 2  # bump when the generator's output changes: cached copies are keyed by it
+SYNTH_VERSION = 3  # bump when the generator's output changes: cached copies are keyed by it
 TASKS = ["caption", "color", "count", "ocr", "spatial", "ground"]
 DEFAULT_STREAM = ["caption", "color", "count", "ocr", "spatial"]
-BASE_PARTS = ["describe", "locate"]
+BASE_PARTS = ["describe", "locate", "tally", "narrate"]
 
 SCORERS = {
     # CIDEr-D saturates near 420-650 (x100) for a perfect caption against five references that
@@ -187,6 +190,8 @@ GROUND_PROMPTS = [
 ]
 DESCRIBE_PROMPT = "List what you see."
 LOCATE_PROMPTS = ["What is at the {where}?", "Where is the {obj}?"]
+TALLY_PROMPTS = ["How many {color} things do you see?", "How many {shape}s do you see?"]
+NARRATE_PROMPT = "Talk about the scene."
 
 
 def _join(names: list[str]) -> str:
@@ -291,6 +296,28 @@ def gen_locate(rng, size):
     return img, question, answer, [answer]
 
 
+def gen_tally(rng, size):
+    """How many objects of one colour or of one shape (0 when the scene has none): digits,
+    without the count task's question (all objects) or its scene statistics."""
+    img, objs = shape_scene(rng, size, rng.randint(1, 6), distinct=False)
+    # mostly an attribute the scene has (answers 1-6 like counts), sometimes any (often 0)
+    pick = rng.choice(objs) if rng.random() < 0.85 else Obj(rng.choice(list(COLORS)), rng.choice(SHAPES), 0, 0, (0, 0, 0, 0))
+    if rng.random() < 0.5:
+        question, n = TALLY_PROMPTS[0].format(color=pick.color), sum(o.color == pick.color for o in objs)
+    else:
+        question, n = TALLY_PROMPTS[1].format(shape=pick.shape), sum(o.shape == pick.shape for o in objs)
+    return img, question, str(n), [str(n)]
+
+
+def gen_narrate(rng, size):
+    """A sentence about a scene: how many shapes and where each one is, in one fixed style."""
+    img, objs = shape_scene(rng, size, rng.randint(1, 3), distinct=True)
+    n = len(objs)
+    placed = [f"a {o.name} on the {o.where}" for o in objs]
+    answer = f"this scene shows {NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'} , {_join(placed)}"
+    return img, NARRATE_PROMPT, answer, [answer]
+
+
 GENERATORS: dict[str, Callable] = {
     "caption": gen_caption,
     "color": gen_color,
@@ -300,6 +327,8 @@ GENERATORS: dict[str, Callable] = {
     "ground": gen_ground,
     "describe": gen_describe,
     "locate": gen_locate,
+    "tally": gen_tally,
+    "narrate": gen_narrate,
 }
 
 
