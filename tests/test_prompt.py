@@ -60,6 +60,24 @@ def test_bases_stay_orthonormal_and_capture_each_task():
     assert extend_basis(basis, basis.T[:2].float() * 5, 0.95).shape[1] == basis.shape[1]
 
 
+def test_balanced_basis_captures_the_text_rows_that_large_image_rows_hide():
+    from mcit.methods.prompt import FwdPrompt, FwdPromptOptions
+
+    g = torch.Generator().manual_seed(5)
+    image_rows = 50 * torch.randn(300, 2, generator=g) @ torch.randn(2, 32, generator=g)  # big, 2 directions
+    text_rows = torch.randn(100, 6, generator=g) @ torch.randn(6, 32, generator=g)  # small, 6 directions
+    rows, image = torch.cat([image_rows, text_rows]), torch.arange(400) < 300
+
+    def captured(basis, part):
+        return float(((part.double() @ basis) ** 2).sum() / (part.double() ** 2).sum())
+
+    plain = FwdPrompt(FwdPromptOptions(balance=False))._extend(None, rows, image, 0.95)
+    balanced = FwdPrompt(FwdPromptOptions())._extend(None, rows, image, 0.95)
+    assert plain.shape[1] <= 2 and captured(plain, text_rows) < 0.5  # the image rows fill the budget
+    assert captured(balanced, text_rows) >= 0.95 and captured(balanced, image_rows) >= 0.95
+    torch.testing.assert_close(balanced.T @ balanced, torch.eye(balanced.shape[1], dtype=torch.float64))
+
+
 def _prompted(tmp_path, name="prompt_pool", seed=7, **options):
     model, processor, enc, samples, ctx = _tiny_ctx(tmp_path, text_layers=max(1, options.get("depth", 1)))
     ctx.seed = seed
@@ -124,6 +142,9 @@ def test_deep_prompts_fill_each_layers_placeholders(tmp_path):
 def test_fwd_prompt_projects_each_layers_prompts_off_its_own_old_basis(tmp_path):
     m, model, enc, samples, ctx = _prompted(tmp_path, name="fwd_prompt", depth=2, pretrained=0.0)
     ctx.train_data = {"a": samples}
+    rows, image = m.embeddings(samples, ctx)
+    assert len(rows) == 2 and all(len(r) == len(image) for r in rows)
+    assert int(image.sum()) == len(samples) * enc.n_image_tokens  # the image rows are flagged as such
     m.after_task("a", ctx)
     old0, old1 = m.old_bases
     assert old0.shape[1] >= 1 and old1.shape[1] >= 1

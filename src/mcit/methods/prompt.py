@@ -23,7 +23,10 @@ model's input-embedding space of width d):
 
 - after each task, the input embeddings of ``basis_samples`` of its training samples (text and
   image tokens, placeholders excluded) extend an orthonormal old-task basis U_old until it
-  captures ``energy`` of their squared norm;
+  captures ``energy`` of their squared norm; with ``balance`` (default) the image-token rows
+  and the text-token rows each reach ``energy`` of their own norm (in the tiny model image-token
+  embeddings are ~80x the norm of text ones, so unbalanced, 2-3 image directions capture 95%
+  and no task's text subspace enters the basis);
 - once, before the first task, U_pre spans the base model's input embeddings on its
   pre-training mix (``pretrained_energy``);
 - each step, g_res = g - g U_old U_oldᵀ (``residual``), then
@@ -412,6 +415,10 @@ class FwdPromptOptions(PromptPoolOptions):
     energy: float = Field(0.95, gt=0, le=1, description="energy threshold of each task's basis (GPM)")
     pretrained_energy: float = Field(0.9, gt=0, le=1, description="energy threshold of the pre-trained basis")
     basis_samples: int = Field(64, ge=1, description="training samples per task whose input embeddings form its basis")
+    balance: bool = Field(
+        True, description="image-token and text-token rows each reach the energy threshold on their own (else "
+        "the far larger image-token embeddings fill the energy budget with a few image directions)"
+    )
     pretrained_data: list[str] | None = Field(
         None, description="base-mix parts or tasks for the pre-trained subspace (default: the config's base.mix)"
     )
@@ -434,14 +441,24 @@ class FwdPrompt(PromptPoolMethod):
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
         super().before_task(task, samples, ctx)
         if self.pre_bases[0] is None and self.options.pretrained > 0:
-            rows = self.embeddings(self._pretrained_samples(ctx), ctx)
-            self.pre_bases = [extend_basis(None, r, self.options.pretrained_energy) for r in rows]
+            rows, image = self.embeddings(self._pretrained_samples(ctx), ctx)
+            self.pre_bases = [self._extend(None, r, image, self.options.pretrained_energy) for r in rows]
 
     def after_task(self, task: str, ctx: TaskContext) -> None:
         super().after_task(task, ctx)
         if self.options.residual:
-            rows = self.embeddings(self._sample(ctx.train_data[task], ctx), ctx)
-            self.old_bases = [extend_basis(b, r, self.options.energy) for b, r in zip(self.old_bases, rows, strict=True)]
+            rows, image = self.embeddings(self._sample(ctx.train_data[task], ctx), ctx)
+            self.old_bases = [self._extend(b, r, image, self.options.energy) for b, r in zip(self.old_bases, rows, strict=True)]
+
+    def _extend(self, basis: torch.Tensor | None, rows: torch.Tensor, image: torch.Tensor, energy: float) -> torch.Tensor:
+        """Extend ``basis`` by ``rows`` (GPM); with ``balance``, image rows first, then text rows,
+        each part to ``energy`` of its own squared norm."""
+        if not self.options.balance:
+            return extend_basis(basis, rows, energy)
+        for part in (rows[image], rows[~image]):
+            if len(part):
+                basis = extend_basis(basis, part, energy)
+        return basis
 
     def before_step(self, ctx: TaskContext) -> None:
         pool = self.pool
@@ -478,10 +495,11 @@ class FwdPrompt(PromptPoolMethod):
         return self._sample(samples, ctx)
 
     @torch.no_grad()
-    def embeddings(self, samples: list[Sample], ctx: TaskContext, batch_size: int = 16) -> list[torch.Tensor]:
+    def embeddings(self, samples: list[Sample], ctx: TaskContext,
+                   batch_size: int = 16) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The inputs of every prompted language-model layer (the input embeddings, then the deep
         layers' hidden states) at the text and image tokens of ``samples`` (attended; placeholders
-        and padding excluded), as rows: one tensor per layer."""
+        and padding excluded), as rows: one tensor per layer, and which rows are image tokens."""
         base, _, _ = llava_parts(ctx.unwrapped)
         lm = base.model.language_model if hasattr(base.model, "language_model") else base.language_model
         depth = self.options.depth
@@ -500,6 +518,8 @@ class FwdPrompt(PromptPoolMethod):
             layers = self.decoder_layers(ctx)
             handles += [layers[layer].register_forward_pre_hook(grab(layer), with_kwargs=True) for layer in range(1, depth)]
         rows: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+        image: list[torch.Tensor] = []
+        image_id = self.encoder.tokenizer.convert_tokens_to_ids(self.encoder.image_token)
         was_training = base.training
         base.eval()
         try:
@@ -511,6 +531,7 @@ class FwdPrompt(PromptPoolMethod):
                 except _Stop:
                     pass
                 keep = batch["attention_mask"].bool() & (batch["input_ids"] != self.pad_id)
+                image.append((batch["input_ids"][keep] == image_id).cpu())
                 for layer, hidden in enumerate(captured):
                     rows[layer].append(hidden[keep].float().cpu())
                 captured.clear()
@@ -518,7 +539,7 @@ class FwdPrompt(PromptPoolMethod):
             for handle in handles:
                 handle.remove()
             base.train(was_training)
-        return [torch.cat(r) for r in rows]
+        return [torch.cat(r) for r in rows], torch.cat(image)
 
     # --- checkpoints --------------------------------------------------------------------------
     @staticmethod
@@ -538,8 +559,14 @@ class FwdPrompt(PromptPoolMethod):
     def load_state_dict(self, tensors, meta) -> None:
         super().load_state_dict(tensors, meta)
         depth = self.options.depth
-        self.old_bases = [tensors.get(self._basis_key("old_basis", layer)) for layer in range(depth)]
-        self.pre_bases = [tensors.get(self._basis_key("pre_basis", layer)) for layer in range(depth)]
+        # cloned: a tensor read from a checkpoint may sit at an unaligned offset, which sends BLAS
+        # down another kernel and changes the last bits of the next basis extension
+        def basis(kind: str, layer: int) -> torch.Tensor | None:
+            t = tensors.get(self._basis_key(kind, layer))
+            return None if t is None else t.clone()
+
+        self.old_bases = [basis("old_basis", layer) for layer in range(depth)]
+        self.pre_bases = [basis("pre_basis", layer) for layer in range(depth)]
 
 
 __all__ = ["FwdPrompt", "PromptPool", "PromptPoolMethod", "extend_basis", "project"]
