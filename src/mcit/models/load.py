@@ -113,6 +113,8 @@ def base_key(cfg, bench: Benchmark) -> str:
             "template": cfg.model.prompt_template,
             "benchmark": manifest,
             "seed": cfg.seed,
+            # bump when the training code changes what a base trains to: the key cannot see code,
+            # and a stale cached base silently differs from what a fresh clone trains
             "version": 1,
         }
     )
