@@ -72,7 +72,7 @@ def test_balanced_basis_captures_the_text_rows_that_large_image_rows_hide():
         return float(((part.double() @ basis) ** 2).sum() / (part.double() ** 2).sum())
 
     plain = FwdPrompt(FwdPromptOptions(balance=False))._extend(None, rows, image, 0.95)
-    balanced = FwdPrompt(FwdPromptOptions())._extend(None, rows, image, 0.95)
+    balanced = FwdPrompt(FwdPromptOptions(balance=True))._extend(None, rows, image, 0.95)
     assert plain.shape[1] <= 2 and captured(plain, text_rows) < 0.5  # the image rows fill the budget
     assert captured(balanced, text_rows) >= 0.95 and captured(balanced, image_rows) >= 0.95
     torch.testing.assert_close(balanced.T @ balanced, torch.eye(balanced.shape[1], dtype=torch.float64))

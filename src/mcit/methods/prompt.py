@@ -23,10 +23,11 @@ model's input-embedding space of width d):
 
 - after each task, the input embeddings of ``basis_samples`` of its training samples (text and
   image tokens, placeholders excluded) extend an orthonormal old-task basis U_old until it
-  captures ``energy`` of their squared norm; with ``balance`` (default) the image-token rows
-  and the text-token rows each reach ``energy`` of their own norm (in the tiny model image-token
+  captures ``energy`` of their squared norm; with ``balance`` the image-token rows and the
+  text-token rows each reach ``energy`` of their own norm (in the tiny model image-token
   embeddings are ~80x the norm of text ones, so unbalanced, 2-3 image directions capture 95%
-  and no task's text subspace enters the basis);
+  and no task's text subspace enters the basis; balanced, the projection constrains the
+  prompts, which on the embedded stream cost more plasticity than it saved: off by default);
 - once, before the first task, U_pre spans the base model's input embeddings on its
   pre-training mix (``pretrained_energy``);
 - each step, g_res = g - g U_old U_oldᵀ (``residual``), then
@@ -416,7 +417,7 @@ class FwdPromptOptions(PromptPoolOptions):
     pretrained_energy: float = Field(0.9, gt=0, le=1, description="energy threshold of the pre-trained basis")
     basis_samples: int = Field(64, ge=1, description="training samples per task whose input embeddings form its basis")
     balance: bool = Field(
-        True, description="image-token and text-token rows each reach the energy threshold on their own (else "
+        False, description="image-token and text-token rows each reach the energy threshold on their own (else "
         "the far larger image-token embeddings fill the energy budget with a few image directions)"
     )
     pretrained_data: list[str] | None = Field(
