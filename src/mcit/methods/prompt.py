@@ -560,8 +560,9 @@ class FwdPrompt(PromptPoolMethod):
     def load_state_dict(self, tensors, meta) -> None:
         super().load_state_dict(tensors, meta)
         depth = self.options.depth
-        # cloned: a tensor read from a checkpoint may sit at an unaligned offset, which sends BLAS
-        # down another kernel and changes the last bits of the next basis extension
+        # cloned into fresh memory: a tensor read from a checkpoint can sit at an unaligned offset,
+        # and MKL's last bits follow the layout (uncloned, a resumed run's next basis differed by
+        # 1e-15 on an idle machine; under load MKL's thread choice still can)
         def basis(kind: str, layer: int) -> torch.Tensor | None:
             t = tensors.get(self._basis_key(kind, layer))
             return None if t is None else t.clone()
