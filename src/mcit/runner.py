@@ -263,7 +263,11 @@ class Run:
             return
         ckpt = self.out / ckpt
         load_trainable_state(self.accelerator.unwrap_model(self.model), load_file(str(ckpt / "trainable.safetensors")))
-        method.load_state_dict(load_file(str(ckpt / "method.safetensors")), json.loads((ckpt / "method.json").read_text()))
+        # cloned into fresh memory: a tensor read from a checkpoint can sit at an unaligned offset, and
+        # MKL's last bits follow the layout (uncloned, fwd_prompt's next basis after a resume differed
+        # by 1e-15 on an idle machine)
+        tensors = {k: v.clone() for k, v in load_file(str(ckpt / "method.safetensors")).items()}
+        method.load_state_dict(tensors, json.loads((ckpt / "method.json").read_text()))
 
     # --- the run --------------------------------------------------------------------------
     def evaluate_all(self, method, ctx, row_label: str):

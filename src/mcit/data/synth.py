@@ -301,11 +301,15 @@ def gen_tally(rng, size):
     without the count task's question (all objects) or its scene statistics."""
     img, objs = shape_scene(rng, size, rng.randint(1, 6), distinct=False)
     # mostly an attribute the scene has (answers 1-6 like counts), sometimes any (often 0)
-    pick = rng.choice(objs) if rng.random() < 0.85 else Obj(rng.choice(list(COLORS)), rng.choice(SHAPES), 0, 0, (0, 0, 0, 0))
-    if rng.random() < 0.5:
-        question, n = TALLY_PROMPTS[0].format(color=pick.color), sum(o.color == pick.color for o in objs)
+    if rng.random() < 0.85:
+        pick = rng.choice(objs)
+        color, shape = pick.color, pick.shape
     else:
-        question, n = TALLY_PROMPTS[1].format(shape=pick.shape), sum(o.shape == pick.shape for o in objs)
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    if rng.random() < 0.5:
+        question, n = TALLY_PROMPTS[0].format(color=color), sum(o.color == color for o in objs)
+    else:
+        question, n = TALLY_PROMPTS[1].format(shape=shape), sum(o.shape == shape for o in objs)
     return img, question, str(n), [str(n)]
 
 

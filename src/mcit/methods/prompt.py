@@ -520,7 +520,6 @@ class FwdPrompt(PromptPoolMethod):
             handles += [layers[layer].register_forward_pre_hook(grab(layer), with_kwargs=True) for layer in range(1, depth)]
         rows: list[list[torch.Tensor]] = [[] for _ in range(depth)]
         image: list[torch.Tensor] = []
-        image_id = self.encoder.tokenizer.convert_tokens_to_ids(self.encoder.image_token)
         was_training = base.training
         base.eval()
         try:
@@ -532,7 +531,7 @@ class FwdPrompt(PromptPoolMethod):
                 except _Stop:
                     pass
                 keep = batch["attention_mask"].bool() & (batch["input_ids"] != self.pad_id)
-                image.append((batch["input_ids"][keep] == image_id).cpu())
+                image.append((batch["input_ids"][keep] == self._queries.image_id).cpu())
                 for layer, hidden in enumerate(captured):
                     rows[layer].append(hidden[keep].float().cpu())
                 captured.clear()
@@ -560,15 +559,8 @@ class FwdPrompt(PromptPoolMethod):
     def load_state_dict(self, tensors, meta) -> None:
         super().load_state_dict(tensors, meta)
         depth = self.options.depth
-        # cloned into fresh memory: a tensor read from a checkpoint can sit at an unaligned offset,
-        # and MKL's last bits follow the layout (uncloned, a resumed run's next basis differed by
-        # 1e-15 on an idle machine; under load MKL's thread choice still can)
-        def basis(kind: str, layer: int) -> torch.Tensor | None:
-            t = tensors.get(self._basis_key(kind, layer))
-            return None if t is None else t.clone()
-
-        self.old_bases = [basis("old_basis", layer) for layer in range(depth)]
-        self.pre_bases = [basis("pre_basis", layer) for layer in range(depth)]
+        self.old_bases = [tensors.get(self._basis_key("old_basis", layer)) for layer in range(depth)]
+        self.pre_bases = [tensors.get(self._basis_key("pre_basis", layer)) for layer in range(depth)]
 
 
 __all__ = ["FwdPrompt", "PromptPool", "PromptPoolMethod", "extend_basis", "project"]
