@@ -146,6 +146,18 @@ def test_every_shipped_config_validates():
         for cfg in (start, multi):
             cfg.pop("name"), cfg["base"].pop("mix")
         assert start == multi, path
+    # the shared pools turn diversified selection off (and fwd_prompt's bases balanced), nothing else
+    shared = {p.stem: p for p in (root / "synth" / "broad_start" / "shared").glob("*.yaml")}
+    assert set(shared) == {"prompt_pool", "fwd_prompt"}
+    for stem, path in shared.items():
+        cfg, parent = load_config(path).model_dump(), load_config(root / "synth" / "broad_start" / path.name).model_dump()
+        assert (cfg["method"]["diversity"], parent["method"]["diversity"]) == (False, True), path
+        cfg["method"]["diversity"] = True
+        if stem == "fwd_prompt":
+            assert (cfg["method"]["balance"], parent["method"]["balance"]) == (True, False), path
+            cfg["method"]["balance"] = False
+        cfg.pop("name"), parent.pop("name")
+        assert cfg == parent, path
 
 
 def test_config_extends(tmp_path):

@@ -39,6 +39,11 @@ With deep prompts each prompted layer input has its own U_old and U_pre, built t
 that layer's input hidden states (GPM's per-layer bases), and each layer's prompts are projected
 with them.
 
+The residual projection protects an old task only through entries its samples still select.
+With diversified selection (the default) each task trains entries of its own, so there is
+little for it to protect; with ``diversity: false`` every task trains the same entries, and
+there balanced bases halve the forgetting (configs/synth/broad_start/shared/, README).
+
 The public record confirms the two projections and the pool; the energy criterion, the
 weighting, the re-projection and the deep prompts are our reconstruction.
 """
