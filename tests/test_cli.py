@@ -94,7 +94,9 @@ def test_data_synth_writes_a_loadable_benchmark(monkeypatch, capsys, tmp_path):
                                       "--train-size", "3", "--test-size", "2", "--base-size", "2"])
     main()
     bench = load_benchmark(tmp_path / "s")
-    assert len(bench.task("ocr").load("test")) == 2 and set(bench.base) == {"describe", "locate", "tally", "narrate"}
+    from mcit.data.synth import BASE_PARTS
+
+    assert len(bench.task("ocr").load("test")) == 2 and set(bench.base) == set(BASE_PARTS)
 
 
 def test_compare_groups_seeds_and_plots_a_tradeoff(monkeypatch, capsys, smoke_run, smoke_cfg, tmp_path):
@@ -125,39 +127,22 @@ def test_every_shipped_config_validates():
 
     root = SMOKE.parents[1]
     configs = sorted(p for p in root.rglob("*.yaml") if not p.name.startswith("_") and p.parent.name != "accelerate")
-    assert len(configs) >= 12 + 5 * 8 + 8
+    assert len(configs) >= 12 + 5 * 8 + 8 - 13
     for path in configs:
         cfg = load_config(path, [])
         assert get_method(cfg.method["name"]).name == cfg.method["name"], path
         build_method(cfg.method)  # the method's options validate too
-    # He et al.'s two starting conditions differ in the base mix alone
-    for path in sorted((root / "synth" / "caption_start").glob("*.yaml")):
-        start, multi = load_config(path).model_dump(), load_config(root / "synth" / path.name).model_dump()
-        assert start["base"]["mix"] == {"describe": 1.0} and len(multi["base"]["mix"]) == 2, path
-        for cfg in (start, multi):
-            cfg.pop("name"), cfg["base"].pop("mix")
-        assert start == multi, path
-    # the broad start (Fwd-Prompt's InstructBLIP setting) adds tally and narrate to the mix, nothing else
-    broad = sorted((root / "synth" / "broad_start").glob("*.yaml"))
-    assert {p.stem for p in broad} >= {"seqft", "prompt_pool", "fwd_prompt"}
-    for path in broad:
-        start, multi = load_config(path).model_dump(), load_config(root / "synth" / path.name).model_dump()
-        assert set(start["base"]["mix"]) == {"describe", "locate", "tally", "narrate"}, path
-        for cfg in (start, multi):
-            cfg.pop("name"), cfg["base"].pop("mix")
-        assert start == multi, path
-    # the shared pools turn diversified selection off (and fwd_prompt's bases balanced), nothing else
-    shared = {p.stem: p for p in (root / "synth" / "broad_start" / "shared").glob("*.yaml")}
-    assert set(shared) == {"prompt_pool", "fwd_prompt"}
-    for stem, path in shared.items():
-        cfg, parent = load_config(path).model_dump(), load_config(root / "synth" / "broad_start" / path.name).model_dump()
-        assert (cfg["method"]["diversity"], parent["method"]["diversity"]) == (False, True), path
-        cfg["method"]["diversity"] = True
-        if stem == "fwd_prompt":
-            assert (cfg["method"]["balance"], parent["method"]["balance"]) == (True, False), path
-            cfg["method"]["balance"] = False
-        cfg.pop("name"), parent.pop("name")
-        assert cfg == parent, path
+    # every method config of the default stream shares one base: the same start, tuning, data and budget
+    base = load_config(root / "synth" / "_base.yaml").model_dump()
+    for path in sorted((root / "synth").glob("*.yaml")):
+        if path.name in ("smoke.yaml", "start.yaml", "_base.yaml"):
+            continue
+        cfg = load_config(path).model_dump()
+        assert cfg["benchmark"] == base["benchmark"] and cfg["seed"] == base["seed"], path
+        frozen = cfg["method"]["name"] in ("prompt_pool", "fwd_prompt", "eproj", "eproj_sim")
+        assert cfg["model"]["tuning"] == ("projector" if frozen else "lora"), path
+        if not frozen:
+            assert cfg["model"] == base["model"] and cfg["train"] == base["train"], path
 
 
 def test_config_extends(tmp_path):
@@ -180,7 +165,7 @@ def test_config_extends(tmp_path):
 def test_zero_mix_weight_drops_a_base_part(tmp_path):
     from mcit.config import load_config
     from mcit.errors import ConfigError
-    from mcit.models.load import _base_settings
+    from mcit.models.start import base_settings as _base_settings
 
     (tmp_path / "multi.yaml").write_text("base: {mix: {describe: 0.6, locate: 0.4}}\n")
     (tmp_path / "caption.yaml").write_text("extends: multi.yaml\nbase: {mix: {describe: 1.0, locate: 0}}\n")
@@ -209,9 +194,9 @@ def test_sweep_plans_validates_and_names_runs(tmp_path):
     from mcit.sweep import plan_sweep
 
     synth = SMOKE.parent
-    runs = plan_sweep([synth / "ewc.yaml", synth / "caption_start" / "ewc.yaml"], ["method.lam=0.1,10"], ["seed=1"])
+    runs = plan_sweep([synth / "ewc.yaml", synth / "mas.yaml"], ["method.lam=0.1,10"], ["seed=1"])
     assert [r.name for r in runs] == ["ewc__method.lam=0.1", "ewc__method.lam=10",
-                                      "ewc_caption_start__method.lam=0.1", "ewc_caption_start__method.lam=10"]
+                                      "mas__method.lam=0.1", "mas__method.lam=10"]
     assert runs[1].overrides == ("seed=1", "method.lam=10")
     with pytest.raises(ConfigError, match="would both write 'ewc'"):
         plan_sweep([synth / "ewc.yaml", synth / "ewc.yaml"])

@@ -20,7 +20,7 @@ LLAVA15_TEMPLATE = (
 @pytest.fixture(scope="module")
 def hf_dir(smoke_cfg, smoke_run, tmp_path_factory):
     """The smoke run's starting model, saved by save_pretrained: a llava-hf layout folder."""
-    from mcit.models.load import base_key
+    from mcit.models.start import base_key
     from mcit.runner import prepare_benchmark
 
     cfg = smoke_cfg()
@@ -54,8 +54,9 @@ def test_hf_lora_run_trains_evaluates_and_resumes(hf_dir, smoke_cfg, smoke_run, 
                     "model.train_projector=true", "train.lr=0.01")
     whole = run(cfg, tmp_path / "whole", show_progress=False)
     assert whole["matrix"][0] == smoke_run[1]["matrix"][0]  # the same starting model, loaded the hf way
-    assert whole["matrix"][1] != whole["matrix"][0]  # and the adapters learnt something
     saved = load_file(str(tmp_path / "whole" / "checkpoints" / "stage_03_ocr" / "trainable.safetensors"))
+    # and the adapters learnt something: LoRA's B factors start at zero
+    assert max(v.abs().max().item() for k, v in saved.items() if "lora_B" in k) > 0
     assert any("lora_A" in k for k in saved) and any("multi_modal_projector" in k and "lora" not in k for k in saved)
     assert not any("vision_tower" in k for k in saved)
     assert whole["parameters"]["trainable"] == sum(t.numel() for t in saved.values())

@@ -137,7 +137,9 @@ def test_penalty_covers_lora_factors(smoke_cfg, tmp_path):
         show_progress=False)
     state = load_file(str(tmp_path / "lora" / "checkpoints" / "stage_01_color" / "method.safetensors"))
     omegas = {k: v for k, v in state.items() if k.startswith("omega.")}
-    assert omegas and all("lora_" in k for k in omegas)
+    # the LoRA factors and the projector (LLaVA-1.5's LoRA recipe trains it), never the frozen rest
+    assert any("lora_" in k for k in omegas) and any("multi_modal_projector" in k for k in omegas)
+    assert all("lora_" in k or "multi_modal_projector" in k for k in omegas)
     assert sum(v.sum() for v in omegas.values()) > 0
 
 
@@ -273,3 +275,29 @@ def test_bench_overhead_times_every_method_against_seqft(smoke_cfg, smoke_run, m
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 2 and "do not train task by task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["ewc", "mas", "tir_ewc", "dgg", "lwf"])
+def test_gradient_methods_act_on_lora_parameters(smoke_cfg, tmp_path, name):
+    """The shipped configs tune LoRA factors and the projector: every gradient-based method keeps its
+    state for exactly those (some get no gradient on a batch: p.grad is None) and changes what they
+    learn, against seqft from the same seed."""
+    from safetensors.torch import load_file
+
+    lora = ("model.tuning=lora", "model.train_projector=true", "benchmark.tasks=[color,count]", "benchmark.general=[]")
+    extra = {"dgg": ("method.alpha=1.0", "method.bernoulli=false", "method.replay=false"),
+             "lwf": ("method.first_task=true",)}
+    run(smoke_cfg(*lora, f"method.name={name}", *extra.get(name, ())), tmp_path / name, show_progress=False)
+    run(smoke_cfg(*lora), tmp_path / "seqft", show_progress=False)
+    ckpt = tmp_path / name / "checkpoints"
+    trainable = set(load_file(str(ckpt / "stage_01_color" / "trainable.safetensors")))
+    assert any("lora_A" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
+    state = load_file(str(ckpt / "stage_01_color" / "method.safetensors"))
+    prefix = {"ewc": "omega.", "mas": "omega.", "tir_ewc": "omega.", "dgg": "theta_star.", "lwf": None}[name]
+    if prefix is not None:
+        assert {k[len(prefix):] for k in state if k.startswith(prefix)} == trainable
+    ours = load_file(str(ckpt / "stage_02_count" / "trainable.safetensors"))
+    plain = load_file(str(tmp_path / "seqft" / "checkpoints" / "stage_02_count" / "trainable.safetensors"))
+    lora_b = [n for n in ours if "lora_B" in n]
+    assert all(torch.isfinite(ours[n]).all() for n in ours)
+    assert max((ours[n] - plain[n]).abs().max().item() for n in lora_b) > 1e-7  # the method changed the update

@@ -42,8 +42,10 @@ def test_two_processes_match_one(smoke_cfg, smoke_run, tmp_path, method):
     if method == "ewc":
         ma, mb = load_file(str(tmp_path / "one" / ckpt / "method.safetensors")), load_file(str(tmp_path / "two" / ckpt / "method.safetensors"))
         assert ma.keys() == mb.keys()
-        for k in ma:  # importance estimated half on each rank, summed: as one process estimates it
-            torch.testing.assert_close(ma[k], mb[k], rtol=1e-4, atol=1e-6)
+        # importance estimated half on each rank, summed: as one process estimates it, at weights
+        # that themselves differ in the last bits (atol 1e-4 above), hence rtol 1e-3
+        for k in ma:
+            torch.testing.assert_close(ma[k], mb[k], rtol=1e-3, atol=1e-6)
 
 
 def test_num_processes_is_validated(monkeypatch, capsys):

@@ -87,17 +87,21 @@ def test_joint_and_zeroshot_rows(smoke_run, smoke_cfg, tmp_path):
     assert joint["metrics"]["BWT"] is None and joint["metrics"]["MFT"] is None
 
 
-@pytest.mark.parametrize("tuning", ["lora", "projector"])
+@pytest.mark.parametrize("tuning", ["lora", "lora+projector", "projector"])
 def test_tuning_modes_train_only_their_parameters(smoke_cfg, tmp_path, tuning):
     from safetensors.torch import load_file
 
-    res = run(smoke_cfg(f"model.tuning={tuning}", "benchmark.tasks=[color]"), tmp_path / tuning, show_progress=False)
+    mode, _, projector = tuning.partition("+")
+    res = run(smoke_cfg(f"model.tuning={mode}", f"model.train_projector={bool(projector)}", "benchmark.tasks=[color]"),
+              tmp_path / tuning, show_progress=False)
     names = list(load_file(str(tmp_path / tuning / "checkpoints" / "stage_01_color" / "trainable.safetensors")))
     assert names
-    if tuning == "lora":
-        assert all("lora_" in n and "language_model" in n for n in names)
+    lora = [n for n in names if "lora_" in n and "language_model" in n]
+    proj = [n for n in names if "multi_modal_projector" in n and "lora_" not in n]
+    if mode == "lora":
+        assert lora and sorted(lora + proj) == sorted(names) and bool(proj) == bool(projector)
     else:
-        assert all("multi_modal_projector" in n for n in names)
+        assert proj == names
     assert res["parameters"]["trainable"] < res["parameters"]["total"] / 2
 
 
@@ -162,3 +166,30 @@ def test_tracker_names_are_checked(monkeypatch):
         resolve_trackers(["wandb"])
     monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: True)
     assert resolve_trackers(["auto", "tensorboard"]) == ["tensorboard"]
+
+
+def test_projector_lr_sets_the_projectors_group_beside_lora(tmp_path):
+    import torch
+
+    from mcit.config import LoraConfig, OptimConfig
+    from mcit.models.tuning import apply_tuning
+    from mcit.train import StageTrainer, param_groups
+    from tests.conftest import make_tiny
+
+    model, _, enc, samples = make_tiny(tmp_path)
+    model = apply_tuning(model, "lora", LoraConfig(r=2), train_projector=True)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    plain, slow = param_groups(named, OptimConfig(lr=1e-3, projector_lr=1e-4))
+    assert "lr" not in plain and slow["lr"] == 1e-4
+    projector = {id(p) for n, p in named if "multi_modal_projector" in n}
+    assert {id(p) for p in slow["params"]} == projector and not projector & {id(p) for p in plain["params"]}
+    assert len(param_groups(named, OptimConfig(lr=1e-3))) == 1  # unset: one group at lr
+    trainer = StageTrainer(model, enc, samples, OptimConfig(steps=4, batch_size=2, lr=1e-3, projector_lr=1e-4,
+                                                            warmup_ratio=0.0, schedule="constant"),
+                           __import__("mcit.train", fromlist=["x"]).SingleProcess("cpu"), seed=0)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 1e-4]
+    before = {n: p.detach().clone() for n, p in named}
+    trainer.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in named}
+    assert all(v > 0 for n, v in moved.items() if "multi_modal_projector" in n)
+    assert torch.isfinite(torch.tensor(list(moved.values()))).all()

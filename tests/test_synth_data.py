@@ -3,8 +3,7 @@ import json
 
 import pytest
 
-from mcit.data import load_benchmark, load_task_file
-from mcit.data import synth
+from mcit.data import load_benchmark, load_task_file, synth
 from mcit.data.synth import BASE_PARTS, DEFAULT_STREAM, SCORERS, TASKS, generate_synth
 from mcit.errors import DataError
 
@@ -39,7 +38,8 @@ def test_changing_one_split_size_keeps_the_others(small, tmp_path):
 
 def test_llava_format_and_manifest(small):
     manifest = json.loads((small / "benchmark.json").read_text())
-    assert [t["name"] for t in manifest["tasks"]] == TASKS
+    assert [t["name"] for t in manifest["tasks"]] == TASKS + BASE_PARTS  # every base part is a task too
+    assert manifest["general"] == synth.GENERAL and set(synth.GENERAL) <= set(BASE_PARTS)
     assert {t["name"]: t["scorer"] for t in manifest["tasks"]} == {k: v[0] for k, v in SCORERS.items()}
     rec = json.loads((small / "count/train.jsonl").read_text().splitlines()[0])
     assert set(rec) == {"id", "image", "conversations", "answers"}
@@ -80,13 +80,15 @@ def test_base_parts_answer_from_the_scene_and_teach_no_stream_instruction(small,
     for _ in range(200):
         _, question, answer, _ = synth.gen_tally(rng, 48)
         objs = scenes[-1][1]
-        attr = question.split()[2].rstrip("s")  # "How many red things ..." / "How many circles ..."
+        words = [w.strip(".?").rstrip("s") for w in question.lower().split()]
+        (attr,) = [w for w in words if w in synth.COLORS or w in synth.SHAPES]  # the one colour or shape asked about
         assert int(answer) == sum(attr in (o.color, o.shape) for o in objs), question
     assert len({a for a in (synth.gen_tally(rng, 48)[2] for _ in range(200))}) >= 4  # several counts
     for _ in range(50):
         _, _, answer, _ = synth.gen_narrate(rng, 48)
         objs = scenes[-1][1]
-        assert answer.startswith(f"this scene shows {synth.NUMBER_WORDS[len(objs)]} shape")
+        n = len(objs)
+        assert answer.startswith("there is one shape :" if n == 1 else f"there are {synth.NUMBER_WORDS[n]} shapes :")
         assert all(f"a {o.name} on the {o.where}" in answer for o in objs)
 
 
@@ -109,3 +111,39 @@ def test_missing_image_names_its_path(tmp_path):
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]))
     with pytest.raises(DataError, match=r"image not found: .*img/nope\.png"):
         load_task_file(path)
+
+
+def test_base_parts_hold_the_skills_the_stream_asks_for(monkeypatch):
+    """Known answers of the start's skills: the colour of the one object of a shape, the one object
+    in a direction from another, and the object next to another."""
+    import random
+
+    scenes = []
+    real = synth.shape_scene
+    monkeypatch.setattr(synth, "shape_scene", lambda *a, **k: scenes.append(real(*a, **k)) or scenes[-1])
+    rng = random.Random(1)
+    kinds = set()
+    for _ in range(400):
+        _, question, answer, _ = synth.gen_attribute(rng, 48)
+        objs = scenes[-1][1]
+        asked = [sh for sh in synth.SHAPES for t in synth.ATTRIBUTE_BY_SHAPE_PROMPTS if t.format(shape=sh) in question]
+        if asked:
+            (obj,) = [o for o in objs if o.shape == asked[0]]  # asked only when that shape is unique
+            assert answer == obj.color
+            kinds.add("by shape")
+    for _ in range(400):
+        _, question, answer, _ = synth.gen_locate(rng, 48)
+        objs = scenes[-1][1]
+        for rel, holds in synth.RELATIONS.items():
+            if f" {rel} the " in question:
+                anchor_name = question.split(f" {rel} the ")[1].split(".")[0].split("?")[0]
+                (anchor,) = [o for o in objs if o.name == anchor_name]
+                assert [o.name for o in objs if o is not anchor and holds(o, anchor)] == [answer]
+                kinds.add("relation")
+        if "next to the" in question:
+            anchor_name = question.split("next to the ")[1].split("?")[0]
+            (anchor,) = [o for o in objs if o.name == anchor_name]
+            assert [o.name for o in synth._neighbours(anchor, objs)] == [answer]
+            kinds.add("near")
+    assert kinds == {"by shape", "relation", "near"}
+    assert all(q.endswith(synth.SHORT_ANSWER) for q in (synth.gen_color(rng, 48)[1], synth.gen_count(rng, 48)[1]))

@@ -18,6 +18,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Write and check benchmark dat
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks measured side by side in one process.")
 app.add_typer(bench_app, name="bench")
+base_app = typer.Typer(no_args_is_help=True, help="Starting models: build one, list and check the shipped ones.")
+app.add_typer(base_app, name="base")
 out = Console()
 
 
@@ -43,6 +45,8 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    # PEFT 0.21 reads transformers 5's deprecated alias on every adapter: not the user's to fix
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @app.command()
@@ -88,13 +92,73 @@ def methods():
     """List the methods, their options and their papers."""
     from mcit.methods import available_methods
 
-    for name, cls in available_methods().items():
+    configs = Path("configs") / "synth"
+    out.print("Each method runs on the embedded default with `mcit run configs/synth/<config>.yaml`: the shipped "
+              "start (model.kind: start), LoRA r 8 + the projector (frozen-model methods: the model frozen), "
+              "2 epochs per task, general tasks describe and box held out.", highlight=False)
+    registry = available_methods()
+    for name, cls in registry.items():
         out.print(f"[bold]{name}[/]  ({cls.schedule})  {cls.summary}")
         if cls.paper:
             out.print(f"    paper: {cls.paper}")
+        shipped = sorted(p.name for p in configs.glob("*.yaml")
+                         if p.stem == name or (p.stem.startswith(name + "_") and p.stem not in registry))
+        if shipped:
+            out.print(f"    configs: {', '.join(shipped)}", highlight=False)
         for field_name, field in cls.Options.model_fields.items():
             desc = f"  {field.description}" if field.description else ""
             out.print(f"    {field_name} = {field.default!r}{desc}")
+
+
+@base_app.command("build")
+def base_build(
+    config: Annotated[Path, typer.Argument(help="Build config (model.kind: tiny, model.tiny, base), e.g. configs/synth/start.yaml")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the start into (replaced when it exists)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set base.steps=100 (repeatable)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
+):
+    """Build a starting model: a tiny LLaVA instruction-tuned on the config's base mix, saved as a
+    llava-hf folder with manifest.json (config, data hash, training figures, zero-shot row)."""
+    from mcit.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    _quiet_libraries()
+    from mcit.models.start import build_start
+
+    command = " ".join(["mcit base build", str(config), "--out", str(out_dir), *(f"--set {o}" for o in set_ or [])])
+    manifest = build_start(cfg, out_dir, command, show_progress=not quiet)
+    zs = manifest["zero_shot"]
+    out.print(f"built {out_dir}: {manifest['parameters']:,} parameters, {manifest['steps']} steps, "
+              f"final loss {manifest['final_loss']:.4f}, {manifest['wall_s']:.0f}s")
+    out.print("zero-shot: " + "  ".join(f"{t} {v:.1f}" for t, v in zs["stream"].items())
+              + ("  | general: " + "  ".join(f"{t} {v:.1f}" for t, v in zs["general"].items()) if zs["general"] else ""))
+
+
+@base_app.command("list")
+def base_list():
+    """The starts shipped with mcit (model.kind: start, model.start: NAME)."""
+    from mcit.models.start import read_manifest, shipped_starts
+
+    for name, path in shipped_starts().items():
+        m = read_manifest(path)
+        zs = m.get("zero_shot", {}).get("stream", {})
+        mean = sum(zs.values()) / len(zs) if zs else float("nan")
+        out.print(f"[bold]{name}[/]  {m.get('parameters', 0):,} parameters, {m.get('steps')} steps; "
+                  f"zero-shot mean {mean:.1f} on {', '.join(zs)}", highlight=False)
+        out.print(f"    {path}", highlight=False)
+        out.print(f"    built by: {m.get('command')}", highlight=False)
+
+
+@base_app.command("check")
+def base_check(
+    start: Annotated[str, typer.Argument(help="A shipped start's name or a start folder")],
+):
+    """Check a start's files against the SHA-256 digests in its manifest."""
+    from mcit.models.start import resolve_start, shipped_starts, verify_start
+
+    path = Path(start) if start not in shipped_starts() else resolve_start(start)
+    manifest = verify_start(path)
+    out.print(f"{path}: {len(manifest['files'])} files match the manifest")
 
 
 @data_app.command("synth")
@@ -103,7 +167,7 @@ def data_synth(
     seed: int = 0,
     train_size: int = 3000,
     test_size: int = 200,
-    base_size: int = 20000,
+    base_size: int = 500,
     image_size: int = 48,
 ):
     """Write the embedded synthetic benchmark (LLaVA JSON + PNG) to disk."""
@@ -284,7 +348,7 @@ def _check_by(by: str | None) -> None:
 
 
 def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff: str | None) -> None:
-    from mcit.report import METRICS, group_rows, tradeoff_png
+    from mcit.report import GENERAL, METRICS, group_rows, tradeoff_png
     from mcit.report import compare as compare_runs
     from mcit.utils import atomic_write_bytes
 
@@ -292,21 +356,23 @@ def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff
     rows = compare_runs(run_dirs, None if tradeoff else figure)
     if tradeoff and figure:
         atomic_write_bytes(figure, tradeoff_png(rows, tradeoff))
+    shown = (*METRICS, *(GENERAL if any(r[g] is not None for r in rows for g in GENERAL) else ()))
     if by is not None:
         table = Table(title=f"mcit compare (mean ± std over runs, by {by})")
-        for col in (by, "runs", *METRICS):
+        for col in (by, "runs", *shown):
             table.add_column(col, justify="left" if col == by else "right")
         for g in group_rows(rows, by):
             table.add_row(str(g[by]), str(g["runs"]), *("n/a" if g[m] is None else f"{g[m]:.2f} ± {g[m + '_spread']:.2f}"
-                                                       for m in METRICS))
+                                                       for m in shown))
     else:
         table = Table(title="mcit compare")
-        for col in ("run", "method", "seed", *METRICS):
+        for col in ("run", "method", "seed", *shown):
             table.add_column(col, justify="left" if col in ("run", "method") else "right")
         for r in rows:
             table.add_row(r["run"], r["method"], str(r["seed"]),
-                          *("n/a" if r[m] is None else f"{r[m]:.2f}" for m in METRICS))
-    out.print(table)
+                          *("n/a" if r[m] is None else f"{r[m]:.2f}" for m in shown))
+    # on a pipe or a file, never cut a value to fit 80 columns
+    (out if out.is_terminal else Console(width=max(out.width, 250))).print(table)
     if figure:
         out.print(f"figure: {figure}")
 

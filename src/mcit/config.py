@@ -26,7 +26,9 @@ class SynthConfig(Strict):
     seed: int = 0
     train_size: int = Field(3000, ge=1)
     test_size: int = Field(200, ge=1)
-    base_size: int = Field(20000, ge=1)
+    # training samples per base part: the mix a start is built from (configs/synth/start.yaml sets
+    # 20000); a run from a shipped start reads only a few of them (Fwd-Prompt's pre-trained subspace)
+    base_size: int = Field(500, ge=1)
     image_size: int = Field(48, ge=8)
 
 
@@ -39,6 +41,9 @@ class BenchmarkConfig(Strict):
     name: str = "synth"
     root: Path | None = None  # a prepared benchmark folder; synth: generated into the cache if None
     tasks: list[str] | None = None  # the stream, in order; None = the benchmark's default stream
+    # held-out general tasks, evaluated after every stage and never trained: None = the
+    # benchmark's own (synth: the start's describe and box), [] = none
+    general: list[str] | None = None
     synth: SynthConfig = SynthConfig()
     max_train: int | None = Field(None, ge=1)  # cap per task (first N records)
     max_test: int | None = Field(None, ge=1)
@@ -64,6 +69,8 @@ class TinyModelConfig(Strict):
     text_layers: int = Field(2, ge=1)
     text_heads: int = Field(4, ge=1)
     max_length: int = Field(48, ge=8)  # text tokens (prompt + answer), image tokens excluded
+    # positions beyond image and text tokens: room for prompt methods' placeholder tokens
+    prompt_positions: int = Field(8, ge=0)
     init_seed: int = 0
 
     @model_validator(mode="after")
@@ -83,22 +90,30 @@ class LoraConfig(Strict):
 
 
 class ModelConfig(Strict):
-    kind: Literal["tiny", "hf"] = "tiny"
+    # start: a start shipped with mcit (model.start), loaded as a checkpoint folder; hf: a local
+    # checkpoint folder (model.path); tiny: a tiny LLaVA built from model.tiny and trained on the
+    # base mix at the first run (cached per config and seed)
+    kind: Literal["start", "hf", "tiny"] = "start"
+    start: str = "synth"  # kind start: the shipped start's name (`mcit base list`)
     path: Path | None = None  # hf: a local checkpoint folder
     tiny: TinyModelConfig = TinyModelConfig()
-    tuning: Literal["full", "lora", "projector"] = "full"
+    tuning: Literal["full", "lora", "projector"] = "lora"
     lora: LoraConfig = LoraConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # hf: when not set, the processor's chat template gives the prompt format (if it has one)
     prompt_template: str = "USER: {question} ASSISTANT:"
     gradient_checkpointing: bool = False  # hf: trade compute for activation memory
-    train_projector: bool = False  # lora: also train the vision-language projector (LLaVA-1.5 LoRA recipe)
-    max_length: int = Field(2048, ge=8)  # hf: text tokens per sequence (tiny: tiny.max_length)
+    train_projector: bool = True  # lora: also train the vision-language projector (LLaVA-1.5 LoRA recipe)
+    # hf: text tokens per sequence (tiny: tiny.max_length; start: its manifest's), at most what the
+    # model's positions hold beside the image tokens
+    max_length: int = Field(2048, ge=8)
 
     @model_validator(mode="after")
     def _path_for_hf(self):
         if self.kind == "hf" and self.path is None:
             raise ValueError("model.kind 'hf' needs model.path (a local checkpoint folder)")
+        if self.kind != "hf" and self.path is not None:
+            raise ValueError(f"model.path is for model.kind 'hf' (got kind {self.kind!r}); set model.kind: hf")
         if "{question}" not in self.prompt_template:
             raise ValueError("model.prompt_template must contain '{question}'")
         return self
@@ -108,6 +123,9 @@ class OptimConfig(Strict):
     steps: int = Field(400, ge=0)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
+    # the projector's learning rate when it trains beside LoRA adapters (LLaVA-1.5's LoRA recipe:
+    # mm_projector_lr 2e-5 against lr 2e-4); None = lr
+    projector_lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, le=1)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"

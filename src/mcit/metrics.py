@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from mcit.errors import McitError
 
-__all__ = ["METRIC_NAMES", "continual_metrics"]
+__all__ = ["GENERAL_METRIC_NAMES", "METRIC_NAMES", "continual_metrics", "general_metrics"]
 
 METRIC_NAMES = ("MFT", "MFN", "MAA", "BWT", "FWT", "forgetting", "FAA_weighted")
 
@@ -137,3 +137,17 @@ def continual_metrics(
         total = sum(sizes)
         result["FAA_weighted"] = sum(n / total * s for n, s in zip(sizes, last, strict=True))
     return result
+
+
+GENERAL_METRIC_NAMES = ("start", "final", "change", "lowest")
+
+
+def general_metrics(rows: Sequence[Sequence[float]]) -> dict[str, float | None]:
+    """How much of the start's general ability a run keeps, from the held-out general tasks'
+    scores in every row (row 0 = the start): ``start`` and ``final`` are the mean over tasks of
+    the first and last rows, ``change`` = final - start (negative = general ability lost),
+    ``lowest`` the lowest row mean on the way. All ``None`` without general tasks."""
+    means = [_mean(list(r)) for r in rows if len(r)]
+    if not means:
+        return dict.fromkeys(GENERAL_METRIC_NAMES)
+    return {"start": means[0], "final": means[-1], "change": means[-1] - means[0], "lowest": min(means)}

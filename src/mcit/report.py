@@ -10,6 +10,7 @@ from mcit.errors import McitError
 from mcit.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 METRICS = ("MFT", "MFN", "MAA", "BWT", "FWT", "forgetting", "FAA_weighted")
+GENERAL = ("general_final", "general_change")  # compare's columns for the held-out general tasks
 
 
 def metrics_for(matrix: list[list[float]], test_sizes: list[int], schedule: str) -> dict:
@@ -42,8 +43,12 @@ def heatmap_png(results: dict) -> bytes:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    general = results.get("general") or {}
+    tasks = list(results["tasks"])
     matrix = np.array(results["matrix"], dtype=float)
-    tasks = results["tasks"]
+    if general.get("tasks"):  # general tasks as extra columns, after a divider
+        matrix = np.hstack([matrix, np.array(general["matrix"], dtype=float)])
+        tasks += [f"{t} (general)" for t in general["tasks"]]
     labels = results.get("row_labels") or [str(i) for i in range(len(matrix))]
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(tasks), 1.0 + 0.55 * len(matrix)))
     ax.imshow(np.clip(matrix, 0, 100), cmap="viridis", vmin=0, vmax=100, aspect="auto")
@@ -51,6 +56,8 @@ def heatmap_png(results: dict) -> bytes:
     ax.set_yticks(range(len(matrix)), [f"{i}: {lab}" for i, lab in enumerate(labels)])
     ax.set_xlabel("evaluated task")
     ax.set_ylabel("after training")
+    if general.get("tasks"):
+        ax.axvline(len(results["tasks"]) - 0.5, color="white", linewidth=3)
     for (r, c), v in np.ndenumerate(matrix):
         ax.text(c, r, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
     ax.set_title(f"{results['method']} on {results['benchmark']} (seed {results['seed']})")
@@ -80,6 +87,7 @@ def report_markdown(results: dict) -> str:
     ]
     for i, (label, row) in enumerate(zip(labels, results["matrix"], strict=True)):
         lines.append(f"| {i}: {label} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    lines += _general_markdown(results, labels)
     t = results["timing"]
     lines += [
         "",
@@ -91,6 +99,27 @@ def report_markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _general_markdown(results: dict, labels: list[str]) -> list[str]:
+    general = results.get("general") or {}
+    tasks = general.get("tasks") or []
+    if not tasks:
+        return []
+    m = general["metrics"]
+    lines = [
+        "",
+        "Held-out general tasks (never trained; how much of the start's general ability is kept, "
+        "apart from the stream's metrics):",
+        "",
+        "| row | " + " | ".join(f"{t} ({general['scorers'][t]})" for t in tasks) + " | mean |",
+        "|---|" + "---|" * (len(tasks) + 1),
+    ]
+    for i, (label, row) in enumerate(zip(labels, general["matrix"], strict=True)):
+        lines.append(f"| {i}: {label} | " + " | ".join(f"{v:.2f}" for v in row) + f" | {statistics.fmean(row):.2f} |")
+    lines += ["", f"General: start {_fmt(m['start'])}, final {_fmt(m['final'])}, change {_fmt(m['change'])}, "
+                  f"lowest {_fmt(m['lowest'])}."]
+    return lines
 
 
 def write_run_report(out: Path, results: dict) -> None:
@@ -136,8 +165,10 @@ def compare(run_dirs: list[str | Path], out_png: str | Path | None = None) -> li
         A = r["matrix"]
         T = len(r["tasks"])
         old = statistics.fmean(A[-1][:-1]) if len(A) == T + 1 and T > 1 else None
+        general = (r.get("general") or {}).get("metrics") or {}
         rows.append({"run": Path(d).name, "dir": str(d), "method": r["method"], "seed": r["seed"], "tasks": T,
-                     **{m: r["metrics"].get(m) for m in METRICS}, "old_final": old, "new": r["metrics"].get("MFT")})
+                     **{m: r["metrics"].get(m) for m in METRICS}, "old_final": old, "new": r["metrics"].get("MFT"),
+                     **{g: general.get(g.removeprefix("general_")) for g in GENERAL}})
     if out_png is not None and rows:
         atomic_write_bytes(out_png, compare_png(rows))
     return rows
@@ -151,7 +182,7 @@ def group_rows(rows: list[dict], key: str = "method") -> list[dict]:
     out = []
     for name, members in groups.items():
         agg = {key: name, "runs": len(members), "seeds": sorted(m["seed"] for m in members)}
-        for m in (*METRICS, "old_final", "new"):
+        for m in (*METRICS, "old_final", "new", *GENERAL):
             values = [r[m] for r in members if r[m] is not None]
             agg[m] = statistics.fmean(values) if values else None
             agg[m + "_spread"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)

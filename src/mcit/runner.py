@@ -23,8 +23,8 @@ from mcit.data.benchmark import Benchmark, load_benchmark
 from mcit.errors import ConfigError, McitError
 from mcit.evaluate import evaluate_task
 from mcit.methods import TaskContext, get_method
-from mcit.models.encode import Encoder
-from mcit.models.load import prompt_template, starting_model
+from mcit.models.encode import Encoder, num_image_tokens
+from mcit.models.load import prompt_template, starting_model, text_budget
 from mcit.models.tuning import apply_tuning, load_trainable_state, trainable_state
 from mcit.progress import console
 from mcit.train import train_stage
@@ -45,6 +45,10 @@ def config_hash(cfg: RunConfig) -> str:
     data.pop("name", None)
     for key in ("threads", "trackers", "log_every"):  # how fast or how logged, not what
         data.pop(key, None)
+    if cfg.model.kind == "start":  # a rebuilt start is another start: a run must not resume across it
+        from mcit.models.start import start_digest
+
+        data["start_weights"] = start_digest(cfg)
     return stable_hash(data)
 
 
@@ -95,6 +99,22 @@ def stream_tasks(cfg: RunConfig, bench: Benchmark) -> list[str]:
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"benchmark.tasks: a task appears twice in {tasks}")
     return tasks
+
+
+def general_tasks(cfg: RunConfig, bench: Benchmark) -> list[str]:
+    """The held-out general tasks: evaluated after every stage, never trained."""
+    names = list(bench.general if cfg.benchmark.general is None else cfg.benchmark.general)
+    stream = set(stream_tasks(cfg, bench))
+    for t in names:
+        if t not in bench.tasks:
+            raise ConfigError(f"benchmark.general: benchmark {bench.name!r} has no task {t!r}; "
+                              f"available: {', '.join(bench.tasks)}")
+        if t in stream:
+            raise ConfigError(f"benchmark.general: {t!r} is also in the stream (benchmark.tasks); "
+                              "a general task is never trained")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"benchmark.general: a task appears twice in {names}")
+    return names
 
 
 def _peak_rss_mb() -> float:
@@ -174,8 +194,7 @@ def prepare_model(cfg: RunConfig, bench: Benchmark, cache_dir: Path, accelerator
     """The starting model with its tuning mode applied, its encoder, and the methods' context."""
     with accelerator.main_process_first():  # the main process builds and caches a tiny base; the others load it
         model, processor = starting_model(cfg, bench, cache_dir, accelerator, show_progress and accelerator.is_main_process)
-    max_length = cfg.model.tiny.max_length if cfg.model.kind == "tiny" else cfg.model.max_length
-    encoder = Encoder(processor, prompt_template(cfg, processor), max_length)
+    encoder = Encoder(processor, prompt_template(cfg, processor), text_budget(cfg, model, num_image_tokens(processor)))
     seed_everything(cfg.seed)  # adapters (LoRA) initialise from the global RNG: make it the run's seed
     model = apply_tuning(model, cfg.model.tuning, cfg.model.lora, cfg.model.train_projector).to(accelerator.device)
     ctx = TaskContext(model, accelerator, cfg, tasks, train, seed=cfg.seed)
@@ -274,7 +293,7 @@ class Run:
         evals = []
         t0 = time.perf_counter()
         model = self.accelerator.unwrap_model(self.model)  # generation runs on the bare model
-        for name in self.tasks:
+        for name in [*self.tasks, *self.general]:
             ctx.extras["eval_task"] = name  # methods that route per sample score their routing against it
             evals.append(
                 evaluate_task(model, self.encoder, self.bench.task(name), self.test[name], self.cfg.eval,
@@ -282,8 +301,10 @@ class Run:
             )
         seconds = time.perf_counter() - t0
         if self.show:
-            cells = "  ".join(f"{e.task} {e.headline:.1f}" for e in evals)
-            console.print(f"[bold]{row_label}[/]: {cells}  ({seconds:.1f}s)")
+            cells = "  ".join(f"{e.task} {e.headline:.1f}" for e in evals[: len(self.tasks)])
+            general = "  ".join(f"{e.task} {e.headline:.1f}" for e in evals[len(self.tasks):])
+            console.print(f"[bold]{row_label}[/]: {cells}" + (f"  | general: {general}" if general else "")
+                          + f"  ({seconds:.1f}s)")
         return evals, seconds
 
     def execute(self) -> dict:
@@ -296,9 +317,10 @@ class Run:
         method = build_method(cfg.method)
         self.bench = prepare_benchmark(cfg, self.cache_dir, self.show)
         self.tasks = stream_tasks(cfg, self.bench)
+        self.general = general_tasks(cfg, self.bench)
         # Load every file up front: a malformed line or a missing image fails before any training.
         self.train = load_split(cfg, self.bench, self.tasks, "train")
-        self.test = load_split(cfg, self.bench, self.tasks, "test")
+        self.test = load_split(cfg, self.bench, [*self.tasks, *self.general], "test")
 
         self.show = self.show and self.accelerator.is_main_process
         self.tracking = bool(self.accelerator.trackers) or bool(self.accelerator.log_with)
@@ -315,7 +337,8 @@ class Run:
 
         stages = self._stages(method)
         if state is None:
-            state = {"config_hash": self.hash, "tasks": self.tasks, "rows": [], "row_labels": [], "details": [],
+            state = {"config_hash": self.hash, "tasks": self.tasks, "general": self.general, "rows": [],
+                     "general_rows": [], "row_labels": [], "details": [],
                      "train_s": 0.0, "eval_s": 0.0, "method_s": 0.0, "step_ms": [], "steps": 0}
         else:
             self._restore(state, method)
@@ -370,7 +393,8 @@ class Run:
         if self.tracking:  # one point per task per row, at the training steps done so far
             self.accelerator.log({f"eval/{e.task}": e.headline for e in evals} | {"eval/row": len(state["rows"])},
                                  step=state["steps"])
-        state["rows"].append([e.headline for e in evals])
+        state["rows"].append([e.headline for e in evals[: len(self.tasks)]])
+        state.setdefault("general_rows", []).append([e.headline for e in evals[len(self.tasks):]])
         state["row_labels"].append(label)
         state["details"].append({e.task: e.details for e in evals})
         state["eval_s"] += seconds
@@ -414,14 +438,34 @@ class Run:
             "scorer_info": state.get("scorer_info", {}),
             "parameters": {"total": total_params, "trainable": trainable},
             "method_report": method.report(),
+            "general": self._general_block(state),
+        }
+
+    def _general_block(self, state: dict) -> dict:
+        """The held-out general tasks: their score in every row, apart from the stream's metrics."""
+        from mcit.metrics import general_metrics
+
+        rows = state.get("general_rows") or [[] for _ in state["rows"]]
+        return {
+            "tasks": self.general,
+            "scorers": {t: self.bench.task(t).scorer for t in self.general},
+            "test_sizes": {t: len(self.test[t]) for t in self.general},
+            "matrix": rows,
+            "metrics": general_metrics(rows),
         }
 
 
 def model_key(cfg: RunConfig, bench: Benchmark) -> str:
     """What identifies the starting model (for caches of things computed with it)."""
-    from mcit.models.load import base_key
+    from mcit.models.start import base_key
 
-    return f"tiny:{base_key(cfg, bench)}" if cfg.model.kind == "tiny" else f"hf:{Path(cfg.model.path).resolve()}"
+    if cfg.model.kind == "tiny":
+        return f"tiny:{base_key(cfg, bench)}"
+    if cfg.model.kind == "start":  # the weights' digest: a rebuilt start must not reuse old caches
+        from mcit.models.start import start_digest
+
+        return f"start:{cfg.model.start}:{start_digest(cfg)[:16]}"
+    return f"hf:{Path(cfg.model.path).resolve()}"
 
 
 def stream_similarity(cfg: RunConfig, samples: int = 1000, show_progress: bool = True):

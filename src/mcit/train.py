@@ -17,6 +17,7 @@ import torch
 from mcit.data.format import Sample
 from mcit.errors import McitError
 from mcit.models.encode import IGNORE_INDEX
+from mcit.models.tuning import PROJECTOR
 from mcit.progress import progress_bar
 
 
@@ -53,6 +54,17 @@ def make_scheduler(optimizer, schedule: str, steps: int, warmup_ratio: float):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], optim) -> list[dict]:
+    """AdamW's parameter groups: the projector at ``projector_lr`` when it is set and trains
+    beside adapters (LLaVA-1.5's LoRA recipe), everything else at ``lr``."""
+    projector = getattr(optim, "projector_lr", None)
+    if projector is None or not any("lora_" in n for n, _ in named):
+        return [{"params": [p for _, p in named]}]
+    slow = [p for n, p in named if PROJECTOR in n and "lora_" not in n]
+    rest = [p for n, p in named if not (PROJECTOR in n and "lora_" not in n)]
+    return [g for g in ({"params": rest}, {"params": slow, "lr": projector}) if g["params"]]
 
 
 @dataclass
@@ -93,10 +105,11 @@ class StageTrainer:
         self.steps = optim.steps_for(len(samples)) if steps is None else steps
         self.model, self.encoder, self.samples, self.optim = model, encoder, samples, optim
         self.accelerator, self.method, self.ctx, self.desc = accelerator, method, ctx, desc
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         if not self.params:
             raise McitError("no trainable parameters: check model.tuning")
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(named, optim), lr=optim.lr, weight_decay=optim.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, optim.schedule, max(1, self.steps), optim.warmup_ratio)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         if optim.batch_size % (self.world * optim.grad_accum):

@@ -45,6 +45,7 @@ class Benchmark:
     tasks: dict[str, TaskSpec]
     base: dict[str, Path]
     image_root: Path | None = None
+    general: list[str] = field(default_factory=list)  # held-out general tasks a run evaluates by default
 
     def task(self, name: str) -> TaskSpec:
         if name not in self.tasks:
@@ -90,4 +91,8 @@ def load_benchmark(root: str | Path) -> Benchmark:
     if not tasks:
         raise DataError(f"{manifest}: field 'tasks' must list at least one task")
     base = {k: root / v for k, v in meta.get("base", {}).items()}
-    return Benchmark(meta.get("name", root.name), root, tasks, base, image_root)
+    general = list(meta.get("general", []))
+    unknown = [t for t in general if t not in tasks]
+    if unknown:
+        raise DataError(f"{manifest}: field 'general' names tasks it does not list: {', '.join(unknown)}")
+    return Benchmark(meta.get("name", root.name), root, tasks, base, image_root, general)

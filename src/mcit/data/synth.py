@@ -14,14 +14,15 @@ spatial    GQA relations               "<colour> <shape>"          exact
 ground     RefCOCO grounding           "[x1, y1, x2, y2]"          iou
 =========  ==========================  ==========================  =============
 
-The ``base`` parts instruction-pretrain the starting model: ``describe`` lists every object of a
-shape scene or the word of a text image in a fixed format, and ``locate`` names the object at a
-place or the place of an object, teaching the model to see shapes, colours, positions and text
-and to bind a named object to its place, without teaching any stream task's instruction or
-answer format. The default mix is these two. ``tally`` (how many objects of one colour or one
-shape: a digit) and ``narrate`` (a sentence about the scene) are for a broader start, like a
-multi-task instruction-tuned model (InstructBLIP) whose answers already hold numbers and
-sentences, though neither is a stream task's instruction or answer format.
+The ``base`` parts are the starting model's own instruction mix: ``describe`` (list every object
+and its place, or the word of a text image), ``narrate`` (one sentence about the scene),
+``attribute`` (the colour or shape of the object at a place), ``tally`` (how many objects of one
+colour or shape), ``read`` (the word), ``locate`` (the object at a place, the place of an object,
+the object next to another) and ``box`` (the box of the object at a place). Together they teach
+every skill and answer kind the stream needs under instructions of their own; each stream task
+asks for a known skill in new words, formats or indexing (docs/synth.md). Every base part is
+also a task (its test split held out from the start's training); ``GENERAL`` names the ones a run
+evaluates as held-out general tasks.
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ WORDS = (
 ).split()
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
-SYNTH_VERSION = 3  # bump when the generator's output changes: cached copies are keyed by it
+SYNTH_VERSION = 4  # bump when the generator's output changes: cached copies are keyed by it
 TASKS = ["caption", "color", "count", "ocr", "spatial", "ground"]
 DEFAULT_STREAM = ["caption", "color", "count", "ocr", "spatial"]
-BASE_PARTS = ["describe", "locate", "tally", "narrate"]
+GENERAL = ["describe", "box"]  # the base parts a run evaluates as held-out general tasks
+BASE_PARTS = ["describe", "locate", "attribute", "tally", "narrate", "read", "box"]
 
 SCORERS = {
     # CIDEr-D saturates near 420-650 (x100) for a perfect caption against five references that
@@ -69,8 +71,17 @@ SCORERS = {
     "ocr": ("vqa_evalai", {}),
     "spatial": ("exact", {}),
     "ground": ("iou", {"threshold": 0.5}),
+    # the base parts, as general tasks
+    "describe": ("exact", {}),
+    "locate": ("exact", {}),
+    "attribute": ("exact", {}),
+    "tally": ("numeric", {}),
+    "narrate": ("caption", {"headline": "BLEU-4"}),
+    "read": ("exact", {}),
+    "box": ("iou", {"threshold": 0.5}),
 }
-MAX_NEW_TOKENS = {"caption": 24, "color": 4, "count": 4, "ocr": 4, "spatial": 5, "ground": 12}
+MAX_NEW_TOKENS = {"caption": 32, "color": 4, "count": 4, "ocr": 4, "spatial": 5, "ground": 12,
+                  "describe": 36, "locate": 4, "attribute": 3, "tally": 3, "narrate": 36, "read": 3, "box": 12}
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,9 @@ def text_image(rng: random.Random, size: int, word: str) -> tuple[Image.Image, s
 
 # ---- task generators: each returns (image, question, answer, references) -------------------
 
+# LLaVA-1.5's response-format prompt for short answers (its VQA data and evaluation prompts): the
+# stream's short-answer tasks always end with it, the start's short-answer parts often do.
+SHORT_ANSWER = " Answer the question using a single word or phrase."
 CAPTION_PROMPTS = [
     "Describe the image briefly.",
     "Write a short caption for this picture.",
@@ -188,10 +202,86 @@ GROUND_PROMPTS = [
     "Give the bounding box of the {obj}.",
     "Locate the {obj} as [x1, y1, x2, y2].",
 ]
-DESCRIBE_PROMPT = "List what you see."
-LOCATE_PROMPTS = ["What is at the {where}?", "Where is the {obj}?"]
-TALLY_PROMPTS = ["How many {color} things do you see?", "How many {shape}s do you see?"]
-NARRATE_PROMPT = "Talk about the scene."
+# The starting model's own instructions: several phrasings per part, each sometimes wrapped in a
+# lead-in or a closing request, as an instruction-tuned model has seen many ways of asking. None
+# is a stream task's instruction: a stream task asks for a known skill in words of its own.
+DESCRIBE_PROMPTS = [
+    "List what you see.",
+    "List the objects in the picture.",
+    "Name everything in the image and where it is.",
+    "Enumerate the items you can see.",
+    "What is in this picture? List it all.",
+]
+LOCATE_AT_PROMPTS = [
+    "What is at the {where}?",
+    "Which object sits at the {where}?",
+    "Name the object at the {where}.",
+    "What do you see at the {where}?",
+]
+LOCATE_NEAR_PROMPTS = ["What is next to the {obj}?", "Which object is beside the {obj}?", "Name the neighbour of the {obj}."]
+LOCATE_REL_PROMPTS = [
+    "What object do you find {rel} the {obj}?",
+    "Tell me which thing sits {rel} the {obj}.",
+    "Point out the object {rel} the {obj}.",
+]
+LOCATE_WHERE_PROMPTS = [
+    "Where is the {obj}?",
+    "In which part of the image is the {obj}?",
+    "Tell me where the {obj} is.",
+    "Where can the {obj} be found?",
+]
+ATTRIBUTE_COLOR_PROMPTS = [
+    "What color is the object at the {where}?",
+    "Name the color of the thing at the {where}.",
+    "The object at the {where} has which color?",
+    "What color is the {shape} at the {where}?",
+    "Tell me the color of the {shape} at the {where}.",
+]
+ATTRIBUTE_BY_SHAPE_PROMPTS = [
+    "The {shape} has which color?",
+    "Say which color the {shape} is.",
+    "Of which color is the {shape}?",
+]
+ATTRIBUTE_SHAPE_PROMPTS = [
+    "What shape is at the {where}?",
+    "Which shape do you see at the {where}?",
+    "Name the shape of the object at the {where}.",
+]
+TALLY_PROMPTS = [
+    "How many {color} things do you see?",
+    "How many {shape}s do you see?",
+    "Count the {color} things.",
+    "How many {shape}s can you find?",
+    "What is the number of {color} items?",
+    "Count how many {shape}s there are.",
+]
+NARRATE_PROMPTS = [
+    "Talk about the scene.",
+    "Say something about this picture.",
+    "Tell me about the image in a sentence.",
+    "Describe the scene in a full sentence.",
+]
+READ_PROMPTS = [
+    "What does the sign say?",
+    "Read out the text.",
+    "Which word is printed here?",
+    "What text can you read?",
+    "Tell me the word in the image.",
+]
+BOX_PROMPTS = [
+    "Give the box of the object at the {where}.",
+    "Mark the object at the {where} with a box.",
+    "Where exactly is the object at the {where}? Give its box.",
+]
+LEAD_INS = ["", "", "", "Look at the image. ", "Here is a picture. ", "Question: "]
+CLOSINGS = ["", "", "", " Please answer.", " Be brief.", " Answer now."]
+
+
+def _instruct(rng: random.Random, prompts: list[str], short: bool = False, **fields) -> str:
+    """One of a base part's phrasings, filled in, sometimes with a lead-in and a closing; a short
+    answer's closing is LLaVA's response-format prompt half the time."""
+    closing = SHORT_ANSWER if short and rng.random() < 0.5 else rng.choice(CLOSINGS)
+    return rng.choice(LEAD_INS) + rng.choice(prompts).format(**fields) + closing
 
 
 def _join(names: list[str]) -> str:
@@ -225,19 +315,19 @@ def gen_caption(rng, size):
 def gen_color(rng, size):
     img, objs = shape_scene(rng, size, rng.randint(2, 3), distinct=True)
     target = rng.choice(objs)
-    return img, rng.choice(COLOR_PROMPTS).format(shape=target.shape), target.color, [target.color] * 10
+    return img, rng.choice(COLOR_PROMPTS).format(shape=target.shape) + SHORT_ANSWER, target.color, [target.color] * 10
 
 
 def gen_count(rng, size):
     img, objs = shape_scene(rng, size, rng.randint(1, 6), distinct=False)
     answer = str(len(objs))
-    return img, rng.choice(COUNT_PROMPTS), answer, [answer]
+    return img, rng.choice(COUNT_PROMPTS) + SHORT_ANSWER, answer, [answer]
 
 
 def gen_ocr(rng, size):
     word = rng.choice(WORDS)
     img, _ = text_image(rng, size, word)
-    return img, rng.choice(OCR_PROMPTS), word, [word] * 10
+    return img, rng.choice(OCR_PROMPTS) + SHORT_ANSWER, word, [word] * 10
 
 
 RELATIONS = {
@@ -259,15 +349,14 @@ def gen_spatial(rng, size):
                     options.append((rel, anchor, hits[0]))
         if options:
             rel, anchor, answer = rng.choice(options)
-            question = rng.choice(SPATIAL_PROMPTS).format(rel=rel, obj=anchor.name)
+            question = rng.choice(SPATIAL_PROMPTS).format(rel=rel, obj=anchor.name) + SHORT_ANSWER
             return img, question, answer.name, [answer.name]
 
 
 def gen_ground(rng, size):
     img, objs = shape_scene(rng, size, rng.randint(2, 3), distinct=True)
     target = rng.choice(objs)
-    box = "[{}, {}, {}, {}]".format(*target.box)
-    return img, rng.choice(GROUND_PROMPTS).format(obj=target.name), box, [box]
+    return img, rng.choice(GROUND_PROMPTS).format(obj=target.name), _box(target), [_box(target)]
 
 
 def gen_describe(rng, size):
@@ -278,27 +367,75 @@ def gen_describe(rng, size):
     else:
         img, objs = shape_scene(rng, size, rng.randint(1, 6), distinct=False)
         answer = " , ".join(f"{o.name} {o.where}" for o in objs)
-    return img, DESCRIBE_PROMPT, answer, [answer]
+    return img, _instruct(rng, DESCRIBE_PROMPTS), answer, [answer]
+
+
+def _unique_target(rng, objs: list[Obj]) -> tuple[Obj, bool]:
+    unique = [o for o in objs if sum(p.name == o.name for p in objs) == 1]
+    return rng.choice(unique or objs), bool(unique)
+
+
+def _neighbours(obj: Obj, objs: list[Obj]) -> list[Obj]:
+    return [o for o in objs if abs(o.row - obj.row) + abs(o.col - obj.col) == 1]
+
+
+def _relations(objs: list[Obj]) -> list[tuple[str, Obj, Obj]]:
+    """(relation, anchor, the one object in that relation to it) for every uniquely named anchor."""
+    out = []
+    for anchor in objs:
+        if sum(o.name == anchor.name for o in objs) != 1:
+            continue
+        for rel, holds in RELATIONS.items():
+            hits = [o for o in objs if o is not anchor and holds(o, anchor)]
+            if len(hits) == 1:
+                out.append((rel, anchor, hits[0]))
+    return out
 
 
 def gen_locate(rng, size):
-    """Bind a named object to its place and back: what the base model needs to answer
-    questions about one object among several, in a format no stream task uses."""
+    """Bind a named object to its place and back, and name the object next to another or in one
+    direction from it: what the base model needs to answer questions about one object among
+    several, and to relate two."""
     img, objs = shape_scene(rng, size, rng.randint(1, 6), distinct=False)
-    unique = [o for o in objs if sum(p.name == o.name for p in objs) == 1]
-    target = rng.choice(unique or objs)
-    if not unique or rng.random() < 0.5:
-        question = LOCATE_PROMPTS[0].format(where=target.where)
-        answer = target.name
-    else:
-        question = LOCATE_PROMPTS[1].format(obj=target.name)
-        answer = target.where
-    return img, question, answer, [answer]
+    target, unique = _unique_target(rng, objs)
+    kind = rng.random()
+    if kind < 0.25:
+        pairs = [(o, _neighbours(o, objs)) for o in objs if sum(p.name == o.name for p in objs) == 1]
+        pairs = [(o, n[0]) for o, n in pairs if len(n) == 1]
+        if pairs:  # "next to": the one object in a neighbouring cell (any side)
+            anchor, near = rng.choice(pairs)
+            return img, _instruct(rng, LOCATE_NEAR_PROMPTS, True, obj=anchor.name), near.name, [near.name]
+    elif kind < 0.5:
+        options = _relations(objs)
+        if options:  # one direction: the one object left of / right of / above / below another
+            rel, anchor, hit = rng.choice(options)
+            return img, _instruct(rng, LOCATE_REL_PROMPTS, True, rel=rel, obj=anchor.name), hit.name, [hit.name]
+    if not unique or kind < 0.75:
+        return img, _instruct(rng, LOCATE_AT_PROMPTS, True, where=target.where), target.name, [target.name]
+    question = _instruct(rng, LOCATE_WHERE_PROMPTS, True, obj=target.name)
+    return img, question, target.where, [target.where]
+
+
+def gen_attribute(rng, size):
+    """One attribute (a colour or a shape word) of the object at a named place, or the colour of
+    the one object of a named shape."""
+    img, objs = shape_scene(rng, size, rng.randint(1, 6), distinct=False)
+    target = rng.choice(objs)
+    kind = rng.random()
+    if kind < 0.3:
+        single = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+        if single:
+            target = rng.choice(single)
+            return img, _instruct(rng, ATTRIBUTE_BY_SHAPE_PROMPTS, True, shape=target.shape), target.color, [target.color]
+    if kind < 0.7:
+        question = _instruct(rng, ATTRIBUTE_COLOR_PROMPTS, True, where=target.where, shape=target.shape)
+        return img, question, target.color, [target.color]
+    return img, _instruct(rng, ATTRIBUTE_SHAPE_PROMPTS, True, where=target.where), target.shape, [target.shape]
 
 
 def gen_tally(rng, size):
     """How many objects of one colour or of one shape (0 when the scene has none): digits,
-    without the count task's question (all objects) or its scene statistics."""
+    without the count task's question (all objects)."""
     img, objs = shape_scene(rng, size, rng.randint(1, 6), distinct=False)
     # mostly an attribute the scene has (answers 1-6 like counts), sometimes any (often 0)
     if rng.random() < 0.85:
@@ -306,10 +443,10 @@ def gen_tally(rng, size):
         color, shape = pick.color, pick.shape
     else:
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    if rng.random() < 0.5:
-        question, n = TALLY_PROMPTS[0].format(color=color), sum(o.color == color for o in objs)
-    else:
-        question, n = TALLY_PROMPTS[1].format(shape=shape), sum(o.shape == shape for o in objs)
+    prompt = rng.choice(TALLY_PROMPTS)
+    by_color = "{color}" in prompt
+    n = sum((o.color == color) if by_color else (o.shape == shape) for o in objs)
+    question = _instruct(rng, [prompt], True, color=color, shape=shape)
     return img, question, str(n), [str(n)]
 
 
@@ -318,8 +455,26 @@ def gen_narrate(rng, size):
     img, objs = shape_scene(rng, size, rng.randint(1, 3), distinct=True)
     n = len(objs)
     placed = [f"a {o.name} on the {o.where}" for o in objs]
-    answer = f"this scene shows {NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'} , {_join(placed)}"
-    return img, NARRATE_PROMPT, answer, [answer]
+    answer = f"there {'is one shape' if n == 1 else 'are ' + NUMBER_WORDS[n] + ' shapes'} : {_join(placed)}"
+    return img, _instruct(rng, NARRATE_PROMPTS), answer, [answer]
+
+
+def gen_read(rng, size):
+    """The word of a text image, alone: light text centred on a dark background."""
+    word = rng.choice(WORDS)
+    img, _ = text_image(rng, size, word)
+    return img, _instruct(rng, READ_PROMPTS, True), word, [word]
+
+
+def _box(obj: Obj) -> str:
+    return "[{}, {}, {}, {}]".format(*obj.box)
+
+
+def gen_box(rng, size):
+    """The bounding box of the object at a named place (pixels, as the ground task)."""
+    img, objs = shape_scene(rng, size, rng.randint(1, 6), distinct=False)
+    target = rng.choice(objs)
+    return img, _instruct(rng, BOX_PROMPTS, where=target.where), _box(target), [_box(target)]
 
 
 GENERATORS: dict[str, Callable] = {
@@ -331,8 +486,11 @@ GENERATORS: dict[str, Callable] = {
     "ground": gen_ground,
     "describe": gen_describe,
     "locate": gen_locate,
+    "attribute": gen_attribute,
     "tally": gen_tally,
     "narrate": gen_narrate,
+    "read": gen_read,
+    "box": gen_box,
 }
 
 
@@ -357,13 +515,14 @@ def generate_synth(
     seed: int = 0,
     train_size: int = 3000,
     test_size: int = 200,
-    base_size: int = 20000,
+    base_size: int = 500,
     image_size: int = 48,
     tasks: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the benchmark to ``out`` (manifest written last, so a complete manifest means a
-    complete benchmark)."""
+    complete benchmark). Every base part is also a task: its ``base_size`` training samples are
+    the starting model's mix, its ``test_size`` test samples a general task a run can evaluate."""
     out = Path(out)
     tasks = list(tasks or TASKS)
     unknown = [t for t in tasks if t not in TASKS]
@@ -371,24 +530,24 @@ def generate_synth(
         raise ValueError(f"unknown synth task(s) {unknown}; available: {', '.join(TASKS)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    manifest = {"name": "synth", "version": SYNTH_VERSION, "seed": seed, "image_size": image_size, "tasks": [], "base": {}}
-    for task in tasks:
+    manifest = {"name": "synth", "version": SYNTH_VERSION, "seed": seed, "image_size": image_size, "tasks": [],
+                "base": {}, "general": list(GENERAL)}
+    for task in [*tasks, *BASE_PARTS]:
         if progress:
             progress(task)
         scorer, options = SCORERS[task]
+        is_base = task in BASE_PARTS
         manifest["tasks"].append(
             {
                 "name": task,
-                "train": _write_split(out, task, "train", train_size, seed, image_size),
+                "train": _write_split(out, task, "train", base_size if is_base else train_size, seed, image_size),
                 "test": _write_split(out, task, "test", test_size, seed, image_size),
                 "scorer": scorer,
                 "scorer_options": options,
                 "max_new_tokens": MAX_NEW_TOKENS[task],
             }
         )
-    for part in BASE_PARTS:
-        if progress:
-            progress(f"base:{part}")
-        manifest["base"][part] = _write_split(out, part, "train", base_size, seed, image_size)
+        if is_base:
+            manifest["base"][task] = manifest["tasks"][-1]["train"]
     atomic_write_json(out / MANIFEST, manifest)
     return out

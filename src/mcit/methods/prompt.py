@@ -484,10 +484,10 @@ class FwdPrompt(PromptPoolMethod):
         return [data[i] for i in torch.randperm(len(data), generator=g)[:n].tolist()]
 
     def _pretrained_samples(self, ctx: TaskContext) -> list[Sample]:
-        from mcit.models.load import base_mix
+        from mcit.models.start import base_mix, start_mix
 
         bench = ctx.extras.get("benchmark")
-        parts = self.options.pretrained_data or list(ctx.config.base.mix)
+        parts = self.options.pretrained_data or list(start_mix(ctx.config))
         if bench is None:
             raise McitError("fwd_prompt needs the benchmark in the run context for its pre-trained subspace")
         missing = [p for p in parts if p not in bench.base and p not in bench.tasks]

@@ -89,7 +89,7 @@ def build_tiny_llava(spec, tokenizer):
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_heads,
-        max_position_embeddings=spec.max_length + num_patches + 8,
+        max_position_embeddings=spec.max_length + num_patches + spec.prompt_positions,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
