@@ -52,7 +52,7 @@ def test_num_processes_is_validated(monkeypatch, capsys):
     from tests.test_cli import _assert_one_line_error, _mcit
 
     code, _, err = _mcit(monkeypatch, capsys, "run", str(SMOKE), "--num-processes", "0")
-    _assert_one_line_error(code, err, "--num-processes: expected at least 1")
+    _assert_one_line_error(code, err, "Invalid value for '--num-processes'", "greater than or equal to 1")
 
 
 def test_deepspeed_is_refused_with_the_reason():

@@ -21,6 +21,7 @@ app.add_typer(bench_app, name="bench")
 base_app = typer.Typer(no_args_is_help=True, help="Starting models: build one, list and check the shipped ones.")
 app.add_typer(base_app, name="base")
 out = Console()
+err = Console(stderr=True)
 
 
 def _drop_option(args: list[str], name: str) -> list[str]:
@@ -55,14 +56,13 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=3e-4 (repeatable)")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<config name>)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished task")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Start the run in --out over (e.g. after a failure, with a corrected config): its earlier results are removed")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
-    num_processes: Annotated[int, typer.Option("--num-processes", help="Data-parallel processes on this machine (gloo on CPU, NCCL on GPUs); for several machines use accelerate launch")] = 1,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Data-parallel processes on this machine (gloo on CPU, NCCL on GPUs); for several machines use accelerate launch")] = 1,
 ):
     """Train a task stream and evaluate every task after each one."""
     from mcit.config import load_config
 
-    if num_processes < 1:
-        raise McitError(f"--num-processes: expected at least 1, got {num_processes}")
     if num_processes > 1 and "WORLD_SIZE" not in os.environ:
         load_config(config, set_ or [])  # a bad config fails here, once, not in every process
         from mcit.launch import launch_local
@@ -76,7 +76,7 @@ def run(
     from mcit.runner import run as run_stream
 
     target = out_dir or Path("runs") / (cfg.name or config.stem)
-    results = run_stream(cfg, target, resume=resume, show_progress=not quiet)
+    results = run_stream(cfg, target, resume=resume, show_progress=not quiet, restart=restart)
     if os.environ.get("RANK", "0") != "0":
         return  # one summary, from the main process
     table = Table(title=f"{results['method']} on {results['benchmark']}: {target}")
@@ -164,11 +164,11 @@ def base_check(
 @data_app.command("synth")
 def data_synth(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the benchmark into")],
-    seed: int = 0,
-    train_size: int = 3000,
-    test_size: int = 200,
-    base_size: int = 500,
-    image_size: int = 48,
+    seed: Annotated[int, typer.Option("--seed", help="The benchmark's seed")] = 0,
+    train_size: Annotated[int, typer.Option("--train-size", min=1, help="Training samples per stream task")] = 3000,
+    test_size: Annotated[int, typer.Option("--test-size", min=1, help="Test samples per task")] = 200,
+    base_size: Annotated[int, typer.Option("--base-size", min=1, help="Training samples per base part")] = 500,
+    image_size: Annotated[int, typer.Option("--image-size", min=8, help="Image side in pixels")] = 48,
 ):
     """Write the embedded synthetic benchmark (LLaVA JSON + PNG) to disk."""
     from mcit.data.synth import generate_synth
@@ -270,8 +270,8 @@ def bench_overhead(
     methods_: Annotated[str, typer.Option("--methods", help="Comma-separated; the first is the baseline")] = "seqft,replay,ewc,mas,lwf",
     config: Annotated[Path, typer.Option("--config", help="Run config giving model, data and train settings")] = Path("configs/synth/seqft.yaml"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key (repeatable)")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Timed steps per method")] = 100,
-    chunk: Annotated[int, typer.Option("--chunk", help="Steps per method before switching to the next")] = 5,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per method")] = 100,
+    chunk: Annotated[int, typer.Option("--chunk", min=1, help="Steps per method before switching to the next")] = 5,
     out_json: Annotated[Path, typer.Option("--out", help="JSON file to write")] = Path("bench_overhead.json"),
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
 ):
@@ -304,15 +304,13 @@ def bench_overhead(
 def similarity(
     config: Annotated[Path, typer.Argument(help="Run config naming the benchmark, its stream and the model")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key (repeatable)")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="Training samples per task to embed")] = 1000,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Training samples per task to embed")] = 1000,
     figure: Annotated[Path, typer.Option("--figure", help="PNG heatmap to write")] = Path("similarity.png"),
 ):
     """The task-similarity matrix of a benchmark's stream (He et al.: image x instruction x answer)."""
     from mcit.config import load_config
     from mcit.utils import atomic_write_bytes
 
-    if samples < 1:
-        raise McitError(f"--samples: expected at least 1, got {samples}")
     cfg = load_config(config, set_ or [])
     _quiet_libraries()
     from mcit.runner import stream_similarity
@@ -333,13 +331,32 @@ def similarity(
 
 @app.command()
 def compare(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories holding results.json")],
-    figure: Annotated[Path | None, typer.Option("--figure", help="PNG to write (default: compare.png)")] = Path("compare.png"),
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (or their results.json); unfinished ones are skipped and listed")],
+    figure: Annotated[Path | None, typer.Option("--figure", help="PNG to write (default: compare.png beside the runs, in their common folder)")] = None,
+    no_figure: Annotated[bool, typer.Option("--no-figure", help="Write no figure")] = False,
     by: Annotated[str | None, typer.Option("--by", help="Group runs (e.g. over seeds) by 'method' or 'run': mean and spread")] = None,
     tradeoff: Annotated[str | None, typer.Option("--tradeoff", help="Plot stability/plasticity against this config key, e.g. method.alpha")] = None,
+    format_: Annotated[str, typer.Option("--format", help="table (for the terminal), md (markdown) or csv (full precision)")] = "table",
+    strict: Annotated[bool, typer.Option("--strict", help="Fail when a path holds no finished run instead of skipping it")] = False,
 ):
     """A table of the metrics of several runs, and one figure."""
-    _compare(run_dirs, figure, by, tradeoff)
+    from mcit.report import find_runs
+
+    _check_by(by)
+    if format_ not in ("table", "md", "csv"):
+        raise McitError(f"--format: expected 'table', 'md' or 'csv', got {format_!r}")
+    found, skipped = find_runs(runs)
+    if skipped and strict:
+        raise McitError(f"--strict: {len(skipped)} of {len(runs)} paths hold no finished run ({skipped[0][0]}: {skipped[0][1]})")
+    if not found:
+        raise McitError(f"compare: none of the {len(runs)} paths holds a finished run ({skipped[0][0]}: {skipped[0][1]})")
+    for path, why in skipped:
+        err.print(f"skipped {path}: {why}", highlight=False, soft_wrap=True)
+    if no_figure:
+        figure = None
+    elif figure is None:
+        figure = Path(os.path.commonpath([d.resolve().parent for d in found])) / ("tradeoff.png" if tradeoff else "compare.png")
+    _compare(found, figure, by, tradeoff, format_)
 
 
 def _check_by(by: str | None) -> None:
@@ -347,34 +364,36 @@ def _check_by(by: str | None) -> None:
         raise McitError(f"--by: expected 'method' or 'run', got {by!r}")
 
 
-def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff: str | None) -> None:
-    from mcit.report import GENERAL, METRICS, group_rows, tradeoff_png
+def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff: str | None, fmt: str = "table") -> None:
+    from mcit.report import GENERAL, METRICS, compare_cells, display_cells, format_compare, pooled_differences, tradeoff_png
     from mcit.report import compare as compare_runs
     from mcit.utils import atomic_write_bytes
 
-    _check_by(by)
     rows = compare_runs(run_dirs, None if tradeoff else figure)
     if tradeoff and figure:
         atomic_write_bytes(figure, tradeoff_png(rows, tradeoff))
-    shown = (*METRICS, *(GENERAL if any(r[g] is not None for r in rows for g in GENERAL) else ()))
     if by is not None:
-        table = Table(title=f"mcit compare (mean ± std over runs, by {by})")
-        for col in (by, "runs", *shown):
-            table.add_column(col, justify="left" if col == by else "right")
-        for g in group_rows(rows, by):
-            table.add_row(str(g[by]), str(g["runs"]), *("n/a" if g[m] is None else f"{g[m]:.2f} ± {g[m + '_spread']:.2f}"
-                                                       for m in shown))
-    else:
-        table = Table(title="mcit compare")
-        for col in ("run", "method", "seed", *shown):
-            table.add_column(col, justify="left" if col in ("run", "method") else "right")
-        for r in rows:
-            table.add_row(r["run"], r["method"], str(r["seed"]),
-                          *("n/a" if r[m] is None else f"{r[m]:.2f}" for m in shown))
+        for group, keys in pooled_differences(rows, by).items():
+            what = "; ".join(f"{k} = {' | '.join(map(str, v))}" for k, v in keys.items())
+            err.print(f"warning: --by {by} pools runs of {group!r} whose configs differ beyond the seed: {what}",
+                      highlight=False, soft_wrap=True)
+    shown = (*METRICS, *(GENERAL if any(r[g] is not None for r in rows for g in GENERAL) else ()))
+    header, body = compare_cells(rows, by, shown)
+    if fmt != "table":
+        sys.stdout.write(format_compare(header, body, fmt, by))
+        if figure:
+            err.print(f"figure: {figure}", highlight=False)
+        return
+    table = Table(title="mcit compare" + (f" (mean ± std over runs, by {by})" if by else ""))
+    cols, cells = display_cells(header, body, by)
+    for i, col in enumerate(cols):
+        table.add_column(col, justify="left" if i < (1 if by else 2) else "right")
+    for row in cells:
+        table.add_row(*row)
     # on a pipe or a file, never cut a value to fit 80 columns
     (out if out.is_terminal else Console(width=max(out.width, 250))).print(table)
     if figure:
-        out.print(f"figure: {figure}")
+        out.print(f"figure: {figure}", highlight=False)
 
 
 @app.command()
@@ -406,7 +425,7 @@ def sweep(
 def main() -> None:
     debug = os.environ.get("MCIT_DEBUG") == "1"
     try:
-        code = app(standalone_mode=False)  # click returns typer.Exit's code here instead of raising
+        code = app(standalone_mode=False, prog_name="mcit")  # click returns typer.Exit's code here instead of raising
         if isinstance(code, int) and code:
             sys.exit(code)
     except McitError as e:
@@ -419,15 +438,28 @@ def main() -> None:
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; continue with --resume")
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
+    except Exception as e:
+        # a usage error from click (typer carries its own copy of click: match by shape, not class)
+        if hasattr(e, "format_message") and hasattr(e, "exit_code") and not debug:
+            Console(stderr=True).print(f"[red]error:[/] {_usage_error(e)}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(1)
         raise
+
+
+def _usage_error(e) -> str:
+    """Click's message in one line, naming the command and the option or argument at fault."""
+    ctx = getattr(e, "ctx", None)
+    where = f"{ctx.command_path}: " if ctx is not None else ""
+    message = e.format_message()
+    param = getattr(e, "param", None)
+    if param is not None:
+        names = "/".join(getattr(param, "opts", None) or [param.name.upper()])
+        if names not in message and names.lower() not in message.lower():
+            message = f"{names}: {message}"
+    hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    return where + " ".join(message.split()) + hint
 
 
 if __name__ == "__main__":

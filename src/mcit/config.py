@@ -7,6 +7,7 @@ and bad values are errors naming the key and what is allowed.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,11 +41,15 @@ class ScorerOverride(Strict):
 class BenchmarkConfig(Strict):
     name: str = "synth"
     root: Path | None = None  # a prepared benchmark folder; synth: generated into the cache if None
-    tasks: list[str] | None = None  # the stream, in order; None = the benchmark's default stream
+    # the stream, in order; None (left out) = the benchmark's default stream; never empty
+    tasks: list[str] | None = Field(None, min_length=1)
     # held-out general tasks, evaluated after every stage and never trained: None = the
     # benchmark's own (synth: the start's describe and box), [] = none
     general: list[str] | None = None
     synth: SynthConfig = SynthConfig()
+    # before training, every image of the run's splits is decoded (a corrupt file fails up front),
+    # or only its header read (a large real benchmark on slow storage), or only its existence checked
+    image_check: Literal["decode", "header", "exists"] = "decode"
     max_train: int | None = Field(None, ge=1)  # cap per task (first N records)
     max_test: int | None = Field(None, ge=1)
     # task -> scorer, replacing the prepared benchmark's (e.g. the scorer a paper's numbers used)
@@ -120,7 +125,7 @@ class ModelConfig(Strict):
 
 
 class OptimConfig(Strict):
-    steps: int = Field(400, ge=0)
+    steps: int = Field(400, ge=1)  # a stage of zero steps would silently train nothing
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     # the projector's learning rate when it trains beside LoRA adapters (LLaVA-1.5's LoRA recipe:
@@ -196,9 +201,13 @@ class RunConfig(Strict):
         if name is None:
             raise ValueError("method.name is required")
         try:
-            options = method_options(name).model_validate(method)
+            options_model = method_options(name)
+        except ConfigError as e:  # unknown method: a ValueError, so the error names where it was given
+            raise ValueError(str(e)) from None
+        try:
+            options = options_model.model_validate(method)
         except ValidationError as e:
-            raise ValueError(format_validation_error(e, prefix="method.", model=method_options(name))) from None
+            raise ValueError(format_validation_error(e, prefix="method.", model=options_model, default=None)) from None
         self.__dict__["method"] = {"name": name, **options.model_dump(mode="json")}
         return self
 
@@ -218,23 +227,43 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
     return None
 
 
-def format_validation_error(e: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
-    lines = []
+Sources = dict[tuple, str]  # a key path -> where its value was given ("file.yaml:12", "--set a.b=1")
+
+
+def format_validation_error(e: ValidationError, prefix: str = "", model: type[BaseModel] | None = None,
+                            sources: Sources | None = None, default: str | None = "config") -> str:
+    """One line for every problem, each named by where its key was given: a file and line, or the
+    ``--set`` override (the closest enclosing key that has a source, else ``default``)."""
+    parts = []
     for err in e.errors():
-        loc = tuple(err["loc"])
-        key = prefix + ".".join(str(p) for p in loc)
+        loc = tuple(str(p) for p in err["loc"])
+        key = prefix + ".".join(loc)
         if not loc:  # a whole-model check; its message names its own keys
-            lines.append(err["msg"].removeprefix("Value error, "))
+            text = err["msg"].removeprefix("Value error, ")
+            named = re.match(r"([\w.]+):", text)
+            loc = tuple(named.group(1).split(".")) if named else loc
         elif err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc) if model else None
+            allowed = _allowed_keys(model, err["loc"]) if model else None
             hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
-            lines.append(f"{key}: unknown key{hint}")
+            text = f"{key}: unknown key{hint}"
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if "input" in err and err["type"] != "value_error" and not isinstance(err["input"], dict):
                 msg += f" (got {err['input']!r})"
-            lines.append(f"{key}: {msg}")
-    return "; ".join(lines)
+            text = f"{key}: {msg}"
+        parts.append((_source_of(loc, sources or {}, default), text))
+    if default is None and not sources:  # a nested model's errors: the caller names the source
+        return "; ".join(text for _, text in parts)
+    if len({src for src, _ in parts}) == 1:
+        return f"{parts[0][0]}: " + "; ".join(text for _, text in parts)
+    return "; ".join(f"{src}: {text}" for src, text in parts)
+
+
+def _source_of(loc: tuple, sources: Sources, default: str) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in sources:
+            return sources[loc[:n]]
+    return default
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -251,7 +280,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], sources: Sources | None = None) -> dict:
     for item in overrides:
         parts, value = _parse_override(item)
         node = data
@@ -260,34 +289,57 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 node[p] = {}
             node = node[p]
         node[parts[-1]] = value
+        if sources is not None:
+            for k in [k for k in sources if k[: len(parts)] == tuple(parts)]:
+                del sources[k]  # what the override replaced no longer comes from the file
+            sources[tuple(parts)] = f"--set {item}"
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    data: dict = _read_yaml(Path(path), ()) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
-    return config_from_dict(data, source=str(path) if path else "config")
+    sources: Sources = {}
+    data: dict = _read_yaml(Path(path), (), sources) if path is not None else {}
+    data = apply_overrides(data, overrides or [], sources)
+    return config_from_dict(data, source=str(path) if path else "config", sources=sources)
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict:
-    """A config file's mapping, with ``extends: FILE`` (relative to it) merged underneath."""
+def _read_yaml(path: Path, chain: tuple[Path, ...], sources: Sources | None = None) -> dict:
+    """A config file's mapping, with ``extends: FILE`` (relative to it) merged underneath; each
+    key's file and line go into ``sources`` (a key of this file wins over its parent's)."""
     if not path.is_file():
         where = f" (extended by {chain[-1]})" if chain else ""
         raise ConfigError(f"{path}: config file not found{where}")
     if path.resolve() in chain:
         raise ConfigError(f"{path}: 'extends' forms a cycle: {' -> '.join(map(str, chain))} -> {path}")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
+    if parent is not None and not isinstance(parent, str):
         raise ConfigError(f"{path}: 'extends' must be one file path (relative to this file)")
-    return _deep_merge(_read_yaml(path.parent / parent, (*chain, path.resolve())), data)
+    if parent is not None:
+        data = _deep_merge(_read_yaml(path.parent / parent, (*chain, path.resolve()), sources), data)
+    if sources is not None:
+        sources.update({k: f"{path}:{line}" for k, line in lines.items() if k != ("extends",)})
+    return data
+
+
+def _key_lines(node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Every key path of a composed YAML mapping, with the line (1-based) it is written on."""
+    out = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            path = (*prefix, str(key.value))
+            out[path] = key.start_mark.line + 1
+            out.update(_key_lines(value, path))
+    return out
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -300,11 +352,11 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def config_from_dict(data: dict, source: str = "config") -> RunConfig:
+def config_from_dict(data: dict, source: str = "config", sources: Sources | None = None) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {format_validation_error(e, model=RunConfig)}") from None
+        raise ConfigError(format_validation_error(e, model=RunConfig, sources=sources, default=source)) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

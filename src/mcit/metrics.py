@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from mcit.errors import McitError
 
-__all__ = ["GENERAL_METRIC_NAMES", "METRIC_NAMES", "continual_metrics", "general_metrics"]
+__all__ = ["GENERAL_METRIC_NAMES", "METRIC_NAMES", "continual_metrics", "general_metrics", "prediction_spread"]
 
 METRIC_NAMES = ("MFT", "MFN", "MAA", "BWT", "FWT", "forgetting", "FAA_weighted")
 
@@ -151,3 +151,25 @@ def general_metrics(rows: Sequence[Sequence[float]]) -> dict[str, float | None]:
     if not means:
         return dict.fromkeys(GENERAL_METRIC_NAMES)
     return {"start": means[0], "final": means[-1], "change": means[-1] - means[0], "lowest": min(means)}
+
+
+COLLAPSE_SHARE = 0.9  # one answer above this share of a task's predictions looks like a collapsed model
+
+
+def prediction_spread(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """How varied a task's predictions are: the most frequent one (case and surrounding spaces
+    ignored), its share, the number of distinct predictions, and the share of the most frequent
+    first reference (what the share would be if every prediction were right). ``collapsed`` flags
+    one answer covering more than :data:`COLLAPSE_SHARE` of the predictions where the references
+    are more varied than that."""
+    from collections import Counter
+
+    if not predictions:
+        return {"top": None, "top_share": None, "distinct": 0, "reference_top_share": None, "collapsed": False}
+    counts = Counter(p.strip().lower() for p in predictions)
+    top, n = counts.most_common(1)[0]
+    refs = Counter(r[0].strip().lower() for r in references if r)
+    ref_share = refs.most_common(1)[0][1] / sum(refs.values()) if refs else None
+    share = n / len(predictions)
+    return {"top": top, "top_share": share, "distinct": len(counts), "reference_top_share": ref_share,
+            "collapsed": share > COLLAPSE_SHARE and (ref_share is None or ref_share <= COLLAPSE_SHARE)}

@@ -7,9 +7,11 @@ import statistics
 from pathlib import Path
 
 from mcit.errors import McitError
-from mcit.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mcit.metrics import METRIC_NAMES as METRICS  # one list of the metrics, kept in metrics.py
+from mcit.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, flatten
 
-METRICS = ("MFT", "MFN", "MAA", "BWT", "FWT", "forgetting", "FAA_weighted")
+RESULTS = "results.json"
+
 GENERAL = ("general_final", "general_change")  # compare's columns for the held-out general tasks
 
 
@@ -88,6 +90,7 @@ def report_markdown(results: dict) -> str:
     for i, (label, row) in enumerate(zip(labels, results["matrix"], strict=True)):
         lines.append(f"| {i}: {label} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     lines += _general_markdown(results, labels)
+    lines += _collapse_markdown(results, labels)
     t = results["timing"]
     lines += [
         "",
@@ -122,14 +125,124 @@ def _general_markdown(results: dict, labels: list[str]) -> list[str]:
     return lines
 
 
+def _collapse_markdown(results: dict, labels: list[str]) -> list[str]:
+    spreads = results.get("prediction_spread") or []
+    flagged = [(i, t, s) for i, row in enumerate(spreads) for t, s in row.items() if s.get("collapsed")]
+    if not spreads:
+        return []
+    if not flagged:
+        return ["", "Collapse check: no task's predictions are dominated by one answer (the most frequent "
+                    "covers at most 90% in every row)."]
+    lines = ["", "Collapse check: one answer covers more than 90% of these tasks' predictions, where the "
+                 "references vary (the model may have collapsed):", "",
+             "| row | task | answer | share | distinct predictions | references' top share |", "|---|---|---|---|---|---|"]
+    for i, task, s in flagged:
+        lines.append(f"| {i}: {labels[i]} | {task} | {s['top']} | {100 * s['top_share']:.1f}% | {s['distinct']} | "
+                     f"{_fmt(None if s['reference_top_share'] is None else 100 * s['reference_top_share'])}% |")
+    return lines
+
+
 def write_run_report(out: Path, results: dict) -> None:
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "matrix.png", heatmap_png(results))
     atomic_write_text(out / "report.md", report_markdown(results))
 
 
+def find_runs(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The finished run directories among ``paths`` (each a run directory or its results.json), and
+    the paths that hold none, each with the reason."""
+    runs, skipped = [], []
+    for path in map(Path, paths):
+        run_dir = path.parent if path.name == RESULTS and path.is_file() else path
+        if not path.exists():
+            skipped.append((path, "does not exist"))
+        elif path.is_file() and path.name != RESULTS:
+            skipped.append((path, f"neither a run directory nor a {RESULTS}"))
+        elif not (run_dir / RESULTS).is_file():
+            why = "unfinished or failed run" if (run_dir / "state.json").is_file() else "not a run directory"
+            skipped.append((path, f"no {RESULTS} ({why})"))
+        elif run_dir not in runs:
+            runs.append(run_dir)
+    return runs, skipped
+
+
+# config keys that never make two runs of one group different experiments
+POOLABLE_KEYS = ("seed", "name", "cache_dir", "threads", "trackers", "log_every")
+
+
+def pooled_differences(rows: list[dict], key: str) -> dict[str, dict[str, list]]:
+    """For each group of ``key`` with several runs, the config keys (seed and bookkeeping aside)
+    whose values differ between its runs, each with its distinct values in run order."""
+    import yaml
+
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row[key], []).append(row)
+    out = {}
+    for name, members in groups.items():
+        if len(members) < 2:
+            continue
+        configs = []
+        for m in members:
+            path = Path(m["dir"]) / "config.yaml"
+            configs.append(flatten(yaml.safe_load(path.read_text()) or {}) if path.is_file() else {})
+        differing = {}
+        for k in dict.fromkeys(k for c in configs for k in c):
+            if k.split(".")[0] in POOLABLE_KEYS:
+                continue
+            values = list(dict.fromkeys(json.dumps(c.get(k), sort_keys=True, default=str) for c in configs))
+            if len(values) > 1:
+                differing[k] = [json.loads(v) for v in values]
+        if differing:
+            out[str(name)] = differing
+    return out
+
+
+def compare_cells(rows: list[dict], by: str | None, shown: tuple[str, ...]) -> tuple[list[str], list[list]]:
+    """The comparison as a header and rows of values (None = undefined): per run, or per group of
+    ``by`` with each metric's mean and its spread over the group's runs."""
+    if by is None:
+        header = ["run", "method", "seed", *shown]
+        return header, [[r["run"], r["method"], r["seed"], *(r[m] for m in shown)] for r in rows]
+    header = [by, "runs", *(c for m in shown for c in (m, f"{m}_std"))]
+    body = [[g[by], g["runs"], *(v for m in shown for v in (g[m], g[m + "_spread"]))] for g in group_rows(rows, by)]
+    return header, body
+
+
+def format_compare(header: list[str], body: list[list], fmt: str, by: str | None) -> str:
+    """``md``: a markdown table (2 decimals, mean ± std per group); ``csv``: every value at full
+    precision, one column per metric and per spread."""
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in body])
+        return buf.getvalue()
+    cols, cells = display_cells(header, body, by)
+    text_columns = 2 if by is None else 1  # run and method, or the group's name: left-aligned
+    align = ["---" if i < text_columns else "---:" for i in range(len(cols))]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|", *("| " + " | ".join(r) + " |" for r in cells)]
+    return "\n".join(lines) + "\n"
+
+
+def display_cells(header: list[str], body: list[list], by: str | None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows as display strings: values at 2 decimals, a group's metric as mean ± std."""
+    def fmt(v) -> str:
+        return "n/a" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    if by is None:
+        return header, [[fmt(v) for v in row] for row in body]
+    metrics = header[2::2]
+    rows = [[fmt(row[0]), fmt(row[1]), *("n/a" if row[2 + 2 * i] is None else f"{row[2 + 2 * i]:.2f} ± {row[3 + 2 * i]:.2f}"
+                                         for i in range(len(metrics)))] for row in body]
+    return header[:2] + metrics, rows
+
+
 def load_results(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "results.json"
+    path = Path(run_dir) / RESULTS
     if not path.is_file():
         raise McitError(f"{run_dir}: no results.json (is it a finished run directory?)")
     try:

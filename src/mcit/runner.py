@@ -23,6 +23,7 @@ from mcit.data.benchmark import Benchmark, load_benchmark
 from mcit.errors import ConfigError, McitError
 from mcit.evaluate import evaluate_task
 from mcit.methods import TaskContext, get_method
+from mcit.metrics import prediction_spread
 from mcit.models.encode import Encoder, num_image_tokens
 from mcit.models.load import prompt_template, starting_model, text_budget
 from mcit.models.tuning import apply_tuning, load_trainable_state, trainable_state
@@ -33,6 +34,8 @@ from mcit.utils import (
     atomic_write_text,
     default_cache_dir,
     environment_info,
+    flatten,
+    remove_stale_temporaries,
     seed_everything,
     stable_hash,
 )
@@ -45,6 +48,7 @@ def config_hash(cfg: RunConfig) -> str:
     data.pop("name", None)
     for key in ("threads", "trackers", "log_every"):  # how fast or how logged, not what
         data.pop(key, None)
+    data["benchmark"].pop("image_check", None)  # how carefully inputs are checked, not what
     if cfg.model.kind == "start":  # a rebuilt start is another start: a run must not resume across it
         from mcit.models.start import start_digest
 
@@ -171,22 +175,22 @@ def check_engine(accelerator) -> None:
         )
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
+def _flat(data: dict) -> dict:
     """A config as flat scalars (what every tracker accepts as hyperparameters)."""
-    out = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{key}/"))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(data, "/").items()}
 
 
 def load_split(cfg: RunConfig, bench: Benchmark, tasks: list[str], split: str) -> dict:
-    """Every task's samples of one split, capped by ``benchmark.max_train`` / ``max_test``."""
+    """Every task's samples of one split, capped by ``benchmark.max_train`` / ``max_test``; every
+    image they use opened (``benchmark.image_check``) so a corrupt one fails before any training."""
+    from mcit.data.check import verify_images
+
     limit = cfg.benchmark.max_train if split == "train" else cfg.benchmark.max_test
-    return {t: bench.task(t).load(split, bench.image_root)[:limit] for t in tasks}
+    samples = {t: bench.task(t).load(split, bench.image_root)[:limit] for t in tasks}
+    if cfg.benchmark.image_check != "exists":
+        files = {getattr(bench.task(t), split): samples[t] for t in tasks}
+        verify_images(files, full=cfg.benchmark.image_check == "decode")
+    return samples
 
 
 def prepare_model(cfg: RunConfig, bench: Benchmark, cache_dir: Path, accelerator, train: dict, tasks: list[str],
@@ -224,28 +228,71 @@ def end_stage(method, ctx: TaskContext, label: str) -> float:
     return time.perf_counter() - t0
 
 
+# what a run writes into its directory: --restart removes these and nothing else
+RUN_FILES = (STATE, "config.yaml", "results.json", "report.md", "matrix.png", "checkpoints", "predictions", "tracking")
+
+
 class Run:
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True):
-        self.cfg, self.out, self.resume, self.show = cfg, Path(out_dir), resume, show_progress
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True,
+                 restart: bool = False):
+        self.cfg, self.out, self.resume, self.show, self.restart = cfg, Path(out_dir), resume, show_progress, restart
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         self.hash = config_hash(cfg)
 
     # --- run-directory state ----------------------------------------------------------------
     def _check_out_dir(self) -> dict | None:
+        if self.resume and self.restart:
+            raise McitError("--resume and --restart exclude each other: continue the run, or start it over")
         state_path = self.out / STATE
         if state_path.is_file():
             state = json.loads(state_path.read_text())
+            if self.restart:
+                return None
             if not self.resume:
-                raise McitError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+                raise McitError(f"{self.out} already holds a run ({_progress(state)}); pass --resume to continue it, "
+                                "--restart to start it over, or choose another --out")
             if state.get("config_hash") != self.hash:
                 raise McitError(
-                    f"{self.out} was started with another config (hash {state.get('config_hash')} != {self.hash}); "
-                    "resume needs the same config and overrides"
+                    f"{self.out} was started with another config ({self._config_changes()}); resume needs the same "
+                    "config and overrides, or pass --restart to start it over with this one"
                 )
             return state
-        if self.out.exists() and any(self.out.iterdir()) and not self.resume:
-            raise McitError(f"{self.out} exists and is not empty; choose another --out")
-        return None
+        if self.out.exists() and not self.out.is_dir():
+            raise McitError(f"--out {self.out}: is a file, not a folder")
+        strangers = [p.name for p in self.out.iterdir() if p.name not in RUN_FILES and ".tmp" not in p.name] if self.out.is_dir() else []
+        if strangers and not self.resume:
+            raise McitError(f"{self.out} exists and holds other files ({', '.join(sorted(strangers)[:3])}); "
+                            "choose another --out")
+        return None  # nothing recorded (a run that failed before its first row, or none): start afresh
+
+    def _config_changes(self) -> str:
+        """What differs between the run directory's config and this one, as 'key: old -> new'."""
+        import yaml
+
+        from mcit.config import RunConfig
+
+        path = self.out / "config.yaml"
+        if not path.is_file():
+            return "its config.yaml is gone"
+        try:
+            old = flatten(RunConfig.model_validate(yaml.safe_load(path.read_text())).model_dump(mode="json"))
+        except Exception:  # a config of another mcit version: compare the raw keys
+            old = flatten(yaml.safe_load(path.read_text()) or {})
+        new = flatten(self.cfg.model_dump(mode="json"))
+        changes = [f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in dict.fromkeys([*old, *new])
+                   if old.get(k) != new.get(k) and k.split(".")[0] not in ("name", "threads", "trackers", "log_every")]
+        if not changes:
+            return "the same keys, but another starting model (a rebuilt start)"
+        return "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+
+    def _clear_out_dir(self) -> None:
+        """--restart, or nothing recorded: remove what an earlier attempt wrote (its files only)."""
+        for name in RUN_FILES:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     def _save_stage(self, stage: int, label: str, state: dict, evals, method) -> None:
         """Checkpoint, predictions and state of a finished row: written by the main process only."""
@@ -323,12 +370,18 @@ class Run:
         self.test = load_split(cfg, self.bench, [*self.tasks, *self.general], "test")
 
         self.show = self.show and self.accelerator.is_main_process
+        if self.accelerator.is_main_process:  # the inputs are valid: now an earlier attempt's files may go
+            if state is None:
+                self._clear_out_dir()
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out, recursive=True, owned=True)  # what a killed attempt left
+            for folder in ("base", "data", "similarity"):
+                remove_stale_temporaries(self.cache_dir / folder)
+            atomic_write_text(self.out / "config.yaml", dump_config(cfg))
+        self.accelerator.wait_for_everyone()
         self.tracking = bool(self.accelerator.trackers) or bool(self.accelerator.log_with)
         if self.tracking:
             self.accelerator.init_trackers(cfg.name or "mcit", config=_flat(cfg.model_dump(mode="json")))
-        if self.accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.yaml", dump_config(cfg))
         self.model, self.encoder, ctx = prepare_model(cfg, self.bench, self.cache_dir, self.accelerator, self.train,
                                                       self.tasks, self.show)
         method.setup(self.model, ctx)
@@ -397,6 +450,15 @@ class Run:
         state.setdefault("general_rows", []).append([e.headline for e in evals[len(self.tasks):]])
         state["row_labels"].append(label)
         state["details"].append({e.task: e.details for e in evals})
+        spread = {e.task: prediction_spread([r["prediction"] for r in e.predictions],
+                                            [r["references"] for r in e.predictions]) for e in evals}
+        state.setdefault("spread", []).append(spread)
+        if self.show:
+            for task, s in spread.items():
+                if s["collapsed"]:
+                    console.print(f"[yellow]warning:[/] {label}: {s['top_share']:.0%} of {task}'s predictions are "
+                                  f"{s['top']!r} ({s['distinct']} distinct): the model may have collapsed",
+                                  highlight=False)
         state["eval_s"] += seconds
         state.setdefault("scorer_info", {}).update({e.task: e.info for e in evals if e.info})
 
@@ -439,6 +501,9 @@ class Run:
             "parameters": {"total": total_params, "trainable": trainable},
             "method_report": method.report(),
             "general": self._general_block(state),
+            # per row, per task (stream and general): the most frequent prediction, its share, the
+            # distinct predictions; 'collapsed' when one answer covers > 90% where references vary
+            "prediction_spread": state.get("spread", []),
         }
 
     def _general_block(self, state: dict) -> dict:
@@ -482,5 +547,11 @@ def stream_similarity(cfg: RunConfig, samples: int = 1000, show_progress: bool =
     return tasks, similarity_matrix([emb.get(t, train[t]) for t in tasks])
 
 
-def run(cfg: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
-    return Run(cfg, out_dir, resume, show_progress).execute()
+def run(cfg: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True,
+        restart: bool = False) -> dict:
+    return Run(cfg, out_dir, resume, show_progress, restart).execute()
+
+
+def _progress(state: dict) -> str:
+    done = max(0, len(state.get("rows", [])) - 1)
+    return f"{done} of {len(state.get('tasks', []))} tasks finished"

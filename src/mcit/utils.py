@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import random
+import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,7 +22,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the writer's pid in the name: a later run removes what a killed writer left (remove_stale_temporaries)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run's files are for the whole group to read
         with os.fdopen(fd, "wb") as f:
@@ -31,6 +34,48 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A folder name beside ``path`` to build it in before renaming it into place."""
+    import time
+
+    return path.with_name(f"{path.name}.tmp{os.getpid()}-{time.time_ns()}")
+
+
+_WRITER_PID = re.compile(r"\.tmp(\d+)-\d+$|\.(\d+)\.[^.]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path, recursive: bool = False, owned: bool = False) -> list[Path]:
+    """Remove the temporary files and folders that killed writers left in ``folder`` (those whose
+    writer's pid no longer runs; with ``owned``, those without a pid too: the caller is the only
+    writer of the folder). Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.rglob("*.tmp*") if recursive else folder.glob("*.tmp*")):
+        m = _WRITER_PID.search(path.name)
+        if m is None and not (owned and path.name.endswith(".tmp")):
+            continue
+        if m is not None and _alive(int(m.group(1) or m.group(2))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -45,6 +90,18 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     """A short hash of a JSON-serialisable object, independent of dict order."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def flatten(data: dict, sep: str = ".", prefix: str = "") -> dict:
+    """A nested dict as one level of ``a.b.c`` keys (lists and scalars are leaves)."""
+    out = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, sep, f"{key}{sep}"))
+        else:
+            out[key] = v
+    return out
 
 
 def seed_everything(seed: int) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 from PIL import Image
 
 from mcit.data.benchmark import load_benchmark
-from mcit.errors import McitError
+from mcit.data.format import Sample
+from mcit.errors import DataError, McitError
 from mcit.scoring import score_task
 
 MAX_PROBLEMS = 20
@@ -84,7 +85,7 @@ def check_benchmark(root: str | Path, full: bool = False, progress: Callable[[st
                     seen.add(s.image)
                     row.images += 1
                 if s.image not in opened:
-                    opened[s.image] = _open(s.image, full)
+                    opened[s.image] = image_problem(s.image, full)
                 reason = opened[s.image]
                 if reason is not None:
                     if reason == "missing":
@@ -107,7 +108,8 @@ def check_benchmark(root: str | Path, full: bool = False, progress: Callable[[st
     return report
 
 
-def _open(path: Path, full: bool) -> str | None:
+def image_problem(path: Path, full: bool) -> str | None:
+    """Why an image cannot be used (missing, or not opened / decoded), or None when it is fine."""
     if not path.is_file():
         return "missing"
     try:
@@ -119,3 +121,23 @@ def _open(path: Path, full: bool) -> str | None:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return f"cannot be opened ({e})"
     return None
+
+
+def verify_images(files: dict[Path, list[Sample]], full: bool = True, workers: int = 8) -> int:
+    """Open every distinct image of the given task files (``full``: decode its pixels), in threads;
+    raise naming the file, the record and the image of the first that fails. Returns the number of
+    distinct images checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    owners: dict[Path, tuple[Path, str]] = {}  # image -> (task file, record id) of its first use
+    for file, samples in files.items():
+        for s in samples:
+            if s.image is not None:
+                owners.setdefault(s.image, (file, s.id))
+    images = list(owners)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(images)))) as pool:
+        for image, reason in zip(images, pool.map(lambda p: image_problem(p, full), images), strict=True):
+            if reason is not None:
+                file, rid = owners[image]
+                raise DataError(f"{file}: record {rid!r}: image {image}: {reason}")
+    return len(images)

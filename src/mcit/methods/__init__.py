@@ -17,15 +17,27 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+# Every built-in method and the module that registers it: an unknown name is refused, and a known
+# one loaded, without importing the others (each brings torch; `mcit methods` imports them all).
+BUILTIN = {
+    "dgg": "dgg", "eproj": "eproj", "eproj_sim": "eproj", "ewc": "ewc", "fwd_prompt": "prompt",
+    "joint": "joint", "lwf": "lwf", "mas": "mas", "prompt_pool": "prompt", "replay": "replay",
+    "seqft": "seqft", "tir_ewc": "tir", "tir_mas": "tir", "zeroshot": "zeroshot",
+}
+
+
 def available_methods() -> dict[str, type[Method]]:
-    _load_builtin()
+    for module in sorted(set(BUILTIN.values())):
+        _load(module)
     return dict(sorted(_REGISTRY.items()))
 
 
 def get_method(name: str) -> type[Method]:
-    _load_builtin()
+    if name not in _REGISTRY and name in BUILTIN:
+        _load(BUILTIN[name])
     if name not in _REGISTRY:
-        raise ConfigError(f"method.name: unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        known = sorted({*BUILTIN, *_REGISTRY})
+        raise ConfigError(f"method.name: unknown method {name!r}; available: {', '.join(known)}")
     return _REGISTRY[name]
 
 
@@ -33,9 +45,11 @@ def method_options(name: str) -> type[MethodOptions]:
     return get_method(name).Options
 
 
-def _load_builtin() -> None:
-    # Importing the modules registers them; done lazily so that config parsing stays light.
-    from mcit.methods import dgg, eproj, ewc, joint, lwf, mas, prompt, replay, seqft, tir, zeroshot  # noqa: F401
+def _load(module: str) -> None:
+    # importing a method's module registers it
+    import importlib
+
+    importlib.import_module(f"mcit.methods.{module}")
 
 
 __all__ = ["Method", "MethodOptions", "TaskContext", "register", "get_method", "available_methods", "method_options"]

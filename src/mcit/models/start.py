@@ -25,7 +25,7 @@ import torch
 from mcit.data.benchmark import Benchmark
 from mcit.errors import ConfigError, McitError
 from mcit.progress import console
-from mcit.utils import atomic_write_json, environment_info, stable_hash
+from mcit.utils import atomic_write_json, environment_info, stable_hash, temporary_sibling
 
 MANIFEST = "manifest.json"
 CACHE_DONE = "mcit_base.json"  # a cached from-scratch base is complete once this exists
@@ -157,7 +157,7 @@ def _save_folder(model, processor, out: Path, extra: dict, name: str) -> Path:
     """Write a checkpoint folder and its JSON file ``name`` atomically: a temporary sibling renamed
     into place, so a folder that exists is complete. Returns ``out``."""
 
-    tmp = out.with_name(out.name + f".tmp{time.time_ns()}")
+    tmp = temporary_sibling(out)
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
