@@ -365,7 +365,15 @@ def _check_by(by: str | None) -> None:
 
 
 def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff: str | None, fmt: str = "table") -> None:
-    from mcit.report import GENERAL, METRICS, compare_cells, display_cells, format_compare, pooled_differences, tradeoff_png
+    from mcit.report import (
+        GENERAL,
+        METRICS,
+        compare_cells,
+        display_cells,
+        format_compare,
+        pooled_differences,
+        tradeoff_png,
+    )
     from mcit.report import compare as compare_runs
     from mcit.utils import atomic_write_bytes
 
