@@ -330,6 +330,59 @@ def similarity(
 
 
 @app.command()
+def flips(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or not)")],
+    task: Annotated[str | None, typer.Option("--task", help="One task (default: every task of the stream and the general ones)")] = None,
+    rows: Annotated[str | None, typer.Option("--rows", help="A,B: compare row A with row B (default: right after the task was learnt, and the last row)")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Samples shown per category (largest changes first)")] = 5,
+):
+    """The test samples whose score changed between two rows: forgotten, recovered, learnt."""
+    from mcit.flips import CATEGORIES, run_tasks, task_flips
+
+    pair = None
+    if rows is not None:
+        parts = rows.split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise McitError(f"--rows: expected two row numbers A,B (e.g. 1,5), got {rows!r}")
+        pair = (int(parts[0]), int(parts[1]))
+    stream, general = run_tasks(run_dir)
+    for name in [task] if task else [*stream, *general]:
+        result = task_flips(run_dir, name, pair)
+        a, b = result.rows
+        counts = ", ".join(f"{len(result.flips[c])} {c}" for c in CATEGORIES)
+        out.print(f"[bold]{name}[/] rows {a} -> {b} ({result.samples} samples): {counts}", highlight=False)
+        if result.skipped_rows:
+            out.print(f"  rows without predictions, left out: {', '.join(map(str, result.skipped_rows))}")
+        for c in CATEGORIES:
+            for f in result.flips[c][:limit]:
+                out.print(f"  {c:9} {f.id}: {f.question!r}" if f.question else f"  {c:9} {f.id}", highlight=False)
+                out.print(f"            {f.prediction_before!r} ({f.before:.2f}) -> {f.prediction_after!r} ({f.after:.2f}); "
+                          f"references: {', '.join(map(repr, f.references[:3]))}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="One run directory (its page), or several (a study)")],
+    html_out: Annotated[Path, typer.Option("--html", help="The HTML file to write (self-contained: open it from disk)")],
+    by: Annotated[str | None, typer.Option("--by", help="A study's groups: 'method' or 'run' (mean ± std, paired differences)")] = None,
+):
+    """One self-contained HTML page: matrix, learning curves, metrics, what was forgotten sample by
+    sample, config and environment; for several runs, their comparison too."""
+    from mcit.html_report import report_html
+    from mcit.report import find_runs
+    from mcit.utils import atomic_write_text
+
+    _check_by(by)
+    found, skipped = find_runs(runs)
+    if not found:
+        raise McitError(f"report: none of the {len(runs)} paths holds a finished run ({skipped[0][0]}: {skipped[0][1]})")
+    for path, why in skipped:
+        err.print(f"skipped {path}: {why}", highlight=False, soft_wrap=True)
+    atomic_write_text(html_out, report_html(found, by))
+    out.print(f"wrote {html_out} ({html_out.stat().st_size / 1e6:.2f} MB)")
+
+
+@app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (or their results.json); unfinished ones are skipped and listed")],
     figure: Annotated[Path | None, typer.Option("--figure", help="PNG to write (default: compare.png beside the runs, in their common folder)")] = None,

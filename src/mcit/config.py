@@ -191,6 +191,7 @@ class RunConfig(Strict):
     # accelerate trackers: "auto" = TensorBoard when installed; or any of tensorboard, wandb, mlflow
     trackers: list[Literal["auto", "tensorboard", "wandb", "mlflow"]] = ["auto"]
     log_every: int = Field(10, ge=1)  # training steps between tracked loss / learning-rate points
+    html_report: bool = True  # write report.html beside report.md (one self-contained page)
 
     @model_validator(mode="after")
     def _method(self):

@@ -68,7 +68,11 @@ def evaluate_task(model, encoder, spec: TaskSpec, samples: list[Sample], eval_cf
     result = score_task(spec.scorer, preds, [s.references for s in samples], spec.scorer_options)
     per_sample = result.per_sample or [None] * len(preds)
     rows = [
-        {"id": s.id, "prediction": p, "references": s.references, "score": sc}
+        {"id": s.id, "prediction": p, "references": s.references, "score": sc,
+         "question": s.question, "image": None if s.image is None else str(s.image)}
         for s, p, sc in zip(samples, preds, per_sample, strict=True)
     ]
+    if result.per_image is not None:  # captions: each image's headline metric alone (flips)
+        for row, v in zip(rows, result.per_image, strict=True):
+            row["image_score"] = v
     return TaskEval(spec.name, result.scorer, float(result.headline), dict(result.details), rows, dict(result.info))

@@ -142,10 +142,14 @@ def _collapse_markdown(results: dict, labels: list[str]) -> list[str]:
     return lines
 
 
-def write_run_report(out: Path, results: dict) -> None:
+def write_run_report(out: Path, results: dict, html: bool = True) -> None:
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "matrix.png", heatmap_png(results))
     atomic_write_text(out / "report.md", report_markdown(results))
+    if html:
+        from mcit.html_report import report_html
+
+        atomic_write_text(out / "report.html", report_html([out]))
 
 
 def find_runs(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:

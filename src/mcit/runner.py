@@ -22,6 +22,7 @@ from mcit.config import RunConfig, dump_config
 from mcit.data.benchmark import Benchmark, load_benchmark
 from mcit.errors import ConfigError, McitError
 from mcit.evaluate import evaluate_task
+from mcit.flips import flip_counts
 from mcit.methods import TaskContext, get_method
 from mcit.metrics import prediction_spread
 from mcit.models.encode import Encoder, num_image_tokens
@@ -46,7 +47,7 @@ STATE = "state.json"
 def config_hash(cfg: RunConfig) -> str:
     data = cfg.model_dump(mode="json")
     data.pop("name", None)
-    for key in ("threads", "trackers", "log_every"):  # how fast or how logged, not what
+    for key in ("threads", "trackers", "log_every", "html_report"):  # how fast or how logged, not what
         data.pop(key, None)
     data["benchmark"].pop("image_check", None)  # how carefully inputs are checked, not what
     if cfg.model.kind == "start":  # a rebuilt start is another start: a run must not resume across it
@@ -229,7 +230,8 @@ def end_stage(method, ctx: TaskContext, label: str) -> float:
 
 
 # what a run writes into its directory: --restart removes these and nothing else
-RUN_FILES = (STATE, "config.yaml", "results.json", "report.md", "matrix.png", "checkpoints", "predictions", "tracking")
+RUN_FILES = (STATE, "config.yaml", "results.json", "report.md", "report.html", "matrix.png", "checkpoints",
+             "predictions", "tracking")
 
 
 class Run:
@@ -427,7 +429,7 @@ class Run:
         from mcit.report import write_run_report
 
         if self.accelerator.is_main_process:
-            write_run_report(self.out, results)
+            write_run_report(self.out, results, html=cfg.html_report)
         if self.tracking:
             self.accelerator.log({f"metrics/{k}": v for k, v in results["metrics"].items() if v is not None},
                                  step=state["steps"])
@@ -504,6 +506,9 @@ class Run:
             # per row, per task (stream and general): the most frequent prediction, its share, the
             # distinct predictions; 'collapsed' when one answer covers > 90% where references vary
             "prediction_spread": state.get("spread", []),
+            # per task and row: test samples forgotten / recovered / learnt since the task was learnt
+            # (mcit flips lists them); the main process reads its prediction files
+            **(flip_counts(self.out) if self.accelerator.is_main_process else {}),
         }
 
     def _general_block(self, state: dict) -> dict:

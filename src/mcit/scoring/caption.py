@@ -239,12 +239,16 @@ def evaluate_captions(
     candidates: Mapping[str, str],
     tokenizer: str = "auto",
     meteor: bool = False,
+    per_image: dict[str, list[float]] | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Score candidates against references (both keyed by image id).
 
     Returns ``(scores, info)``: scores on the official 0..1 scale (CIDEr may exceed 1)
     with keys ``BLEU-1``..``BLEU-4``, ``CIDEr``, ``ROUGE-L`` (+ ``METEOR`` if asked),
-    and info ``{"tokenizer": ...}``. An empty corpus scores 0.0 everywhere.
+    and info ``{"tokenizer": ...}``. An empty corpus scores 0.0 everywhere. A ``per_image``
+    dict is filled with each metric's score of every image alone, in key order (BLEU sentence
+    by sentence, CIDEr-D with the corpus's document frequencies; METEOR left out): what a
+    per-sample view (flips) needs; their mean is not the corpus score for BLEU.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -275,13 +279,18 @@ def evaluate_captions(
         pos += n
     res = {k: [tokens[pos + i]] for i, k in enumerate(keys)}
 
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"BLEU-{i + 1}": float(b) for i, b in enumerate(bleu)}
+    each = {f"BLEU-{i + 1}": [float(v) for v in b] for i, b in enumerate(bleu_each)}
     if any(r.split() for refs in gts.values() for r in refs):
-        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        cider, cider_each = Cider().compute_score(gts, res)
+        scores["CIDEr"], each["CIDEr"] = float(cider), [float(v) for v in cider_each]
     else:  # no reference n-gram at all: pycocoevalcap would fail on max() of nothing
-        scores["CIDEr"] = 0.0
-    scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+        scores["CIDEr"], each["CIDEr"] = 0.0, [0.0] * len(keys)
+    rouge, rouge_each = Rouge().compute_score(gts, res)
+    scores["ROUGE-L"], each["ROUGE-L"] = float(rouge), [float(v) for v in rouge_each]
+    if per_image is not None:
+        per_image.update(each)
     if meteor:
         scores["METEOR"] = _meteor(gts, res)
     return scores, info

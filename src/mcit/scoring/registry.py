@@ -26,8 +26,11 @@ class TaskScore:
     scorer: str  # registry name, e.g. "vqa"
     headline: float  # 0..100 (caption: CIDEr x 100 by default, may exceed 100)
     details: dict[str, float]  # every sub-metric, 0..100 scale
-    per_sample: list[float] | None  # per-prediction score in [0, 1]; None for captions
+    per_sample: list[float] | None  # per-prediction score in [0, 1], mean = headline; None for captions
     info: dict = field(default_factory=dict)
+    # captions: the headline metric of each image alone (0..1 scale; its mean is not the corpus
+    # headline): a per-sample view for flips, never averaged into a score
+    per_image: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,16 +119,19 @@ def _run_iou(preds: list[str], refs: list[list[str]], opts: dict[str, Any]) -> T
 def _run_caption(preds: list[str], refs: list[list[str]], opts: dict[str, Any]) -> TaskScore:
     references = {str(i): list(r) for i, r in enumerate(refs)}
     candidates = {str(i): p for i, p in enumerate(preds)}
+    each: dict[str, list[float]] = {}
     scores, info = evaluate_captions(
-        references, candidates, tokenizer=opts["tokenizer"], meteor=opts["meteor"]
+        references, candidates, tokenizer=opts["tokenizer"], meteor=opts["meteor"], per_image=each
     )
     details = {name: 100.0 * value for name, value in scores.items()}
     if opts["headline"] == "mean":
         headline = _plain_sum(list(details.values())) / len(details)
+        per_image = [_plain_sum(v) / len(v) for v in zip(*each.values(), strict=True)] if each else None
     else:
         headline = details[opts["headline"]]
+        per_image = each.get(opts["headline"])  # METEOR has none
     info = dict(info, n=len(preds), headline=opts["headline"])
-    return TaskScore("", headline, details, None, info)
+    return TaskScore("", headline, details, None, info, per_image)
 
 
 _HEADLINES = (*CAPTION_METRICS, "METEOR", "mean")
