@@ -1,0 +1,153 @@
+"""The training loop and the report on their own, against known answers: a bug applied the same
+way to every run (a constant schedule, no division by grad_accum, no shuffling) must fail here,
+since comparing two runs of the same code cannot see it."""
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from mcit.config import OptimConfig
+from mcit.data.format import Sample
+from mcit.train import SingleProcess, StageTrainer, index_stream, make_scheduler, train_stage
+
+
+def _factors(schedule: str, steps: int, warmup_ratio: float) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = make_scheduler(opt, schedule, steps, warmup_ratio)
+    out = []
+    for _ in range(steps + 1):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules_at_known_steps():
+    cosine = _factors("cosine", 10, 0.2)  # 2 warmup steps, then 8 of cosine decay
+    assert cosine[:3] == [0.5, 1.0, 1.0]
+    assert cosine[6] == pytest.approx(0.5)  # halfway through the decay
+    assert cosine[4] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert cosine[10] == pytest.approx(0.0)
+    linear = _factors("linear", 10, 0.2)
+    assert linear[:3] == [0.5, 1.0, 1.0] and linear[6] == pytest.approx(0.5) and linear[10] == pytest.approx(0.0)
+    assert _factors("constant", 10, 0.2)[2:] == [1.0] * 9
+    assert _factors("cosine", 4, 0.0)[:5] == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0])
+
+
+def test_index_stream_shuffles_every_epoch_and_draws_by_weight():
+    gen = torch.Generator().manual_seed(0)
+    stream = index_stream(6, 4, gen)
+    first, second, third = next(stream), next(stream), next(stream)
+    reference = torch.Generator().manual_seed(0)
+    epoch1, epoch2 = torch.randperm(6, generator=reference).tolist(), torch.randperm(6, generator=reference).tolist()
+    assert first + second + third == epoch1 + epoch2  # epochs follow each other, each a fresh permutation
+    assert sorted(epoch1) == list(range(6)) and epoch1 != list(range(6)) and epoch1 != epoch2
+    weighted = index_stream(3, 500, torch.Generator().manual_seed(1), torch.tensor([1.0, 3.0, 0.0]))
+    draws = next(weighted)
+    assert 2 not in draws and 0.65 < draws.count(1) / 500 < 0.85  # about 3/4 from the weight-3 sample
+    assert next(index_stream(3, 4, torch.Generator().manual_seed(2), torch.tensor([0.0, 0.0, 1.0]))) == [2, 2, 2, 2]
+
+
+class _Recorder:
+    """A method whose only hook records the gradients the step is about to apply."""
+
+    def __init__(self):
+        self.grads = None
+
+    def extra_loss(self, batch, outputs, ctx):
+        return None
+
+    def before_step(self, ctx):
+        self.grads = {n: p.grad.detach().clone() for n, p in ctx.named if p.grad is not None}
+
+
+class _Ctx:
+    def __init__(self, model):
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.step, self.batch_samples = 0, None
+
+
+def _equal_length_samples(tmp_path):
+    Image.new("RGB", (48, 48), (200, 10, 10)).save(tmp_path / "r.png")
+    Image.new("RGB", (48, 48), (10, 10, 200)).save(tmp_path / "b.png")
+    return [Sample(str(i), tmp_path / ("r.png" if i % 2 else "b.png"), "what color?", "red" if i % 2 else "blue",
+                   ["x"], task="a") for i in range(4)]
+
+
+def test_grad_accum_two_gives_the_gradient_of_one(tmp_path):
+    from tests.conftest import make_tiny
+
+    grads = {}
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        model, _, enc, _ = make_tiny(tmp_path)
+        samples = _equal_length_samples(tmp_path)  # the same answer length: micro-batch means average exactly
+        rec = _Recorder()
+        optim = OptimConfig(steps=1, batch_size=4, lr=1e-3, grad_accum=accum, warmup_ratio=0.0)
+        trainer = StageTrainer(model, enc, samples, optim, SingleProcess("cpu"), seed=0, method=rec, ctx=_Ctx(model))
+        trainer.step()
+        grads[accum] = rec.grads
+    assert grads[1].keys() == grads[2].keys() and len(grads[1]) > 5
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[2][name], g, rtol=1e-4, atol=1e-7)
+
+
+def test_training_reaches_a_known_accuracy(tmp_path):
+    """A tiny LLaVA learns which colour a solid image shows (two colours) in 40 steps: greedy
+    answers right on both, where the untrained model is right on neither."""
+    from mcit.evaluate import generate
+    from tests.conftest import make_tiny
+
+    torch.manual_seed(0)
+    model, _, enc, _ = make_tiny(tmp_path)
+    samples = _equal_length_samples(tmp_path)
+    probe = [samples[0], samples[1]]
+
+    def answers():
+        return generate(model, enc, probe, batch_size=2, max_new_tokens=2, device=torch.device("cpu"))
+
+    before = answers()
+    assert before != ["blue", "red"]
+    stats = train_stage(model, enc, samples, OptimConfig(steps=40, batch_size=4, lr=1e-2, warmup_ratio=0.0),
+                        SingleProcess("cpu"), seed=0, show_progress=False)
+    assert answers() == ["blue", "red"]
+    assert stats.steps == 40 and stats.losses[-1] < 0.1 < stats.losses[0]
+
+
+def test_metrics_for_each_schedule():
+    from mcit.report import metrics_for
+
+    seq = metrics_for([[10.0, 20.0], [80.0, 30.0], [60.0, 90.0]], [100, 300], "sequential")
+    assert seq["MFT"] == 85.0 and seq["MFN"] == 75.0 and seq["BWT"] == -20.0 and seq["FWT"] == 10.0
+    assert seq["FAA_weighted"] == pytest.approx(0.25 * 60 + 0.75 * 90)
+    joint = metrics_for([[10.0, 20.0], [70.0, 50.0]], [100, 300], "joint")
+    assert joint["MFN"] == 60.0 and joint["FAA_weighted"] == pytest.approx(55.0)
+    assert joint["MFT"] is None and joint["BWT"] is None and joint["FWT"] is None
+    zero = metrics_for([[10.0, 20.0]], [1, 1], "none")
+    assert zero["MFN"] == 15.0 and zero["MAA"] is None
+
+
+def test_report_markdown_tables():
+    from mcit.report import report_markdown
+
+    results = {
+        "method": "seqft", "benchmark": "b", "seed": 3, "tasks": ["a", "b"], "scorers": {"a": "exact", "b": "vqa"},
+        "matrix": [[10.0, 20.0], [80.0, 30.0], [60.0, 90.0]], "row_labels": ["zero-shot", "a", "b"],
+        "metrics": {"MFT": 85.0, "MFN": 75.0, "MAA": None, "BWT": -20.0, "FWT": 10.0, "forgetting": 20.0,
+                    "FAA_weighted": 82.5},
+        "timing": {"train_s": 1.0, "eval_s": 2.0, "step_ms_median": 3.0, "steps": 4},
+        "memory": {"peak_rss_mb": 5.0}, "parameters": {"trainable": 1000, "total": 20000},
+        "general": {"tasks": ["g"], "scorers": {"g": "exact"}, "matrix": [[50.0], [40.0], [45.0]],
+                    "metrics": {"start": 50.0, "final": 45.0, "change": -5.0, "lowest": 40.0}},
+    }
+    text = report_markdown(results)
+    assert "# seqft on b (seed 3)" in text
+    assert "| value | 85.00 | 75.00 | n/a | -20.00 | 10.00 | 20.00 | 82.50 |" in text
+    assert "| row | a (exact) | b (vqa) |" in text and "| 1: a | 80.00 | 30.00 |" in text
+    assert "| 2: b | 45.00 | 45.00 |" in text  # the general table: the task, then the row's mean
+    assert "General: start 50.00, final 45.00, change -5.00, lowest 40.00." in text
+    assert "Training 1.0s over 4 steps (median 3.0 ms/step), evaluation 2.0s; peak RSS 5.0 MB; " \
+           "trainable parameters 1,000 of 20,000." in text
