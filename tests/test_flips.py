@@ -84,9 +84,11 @@ def test_caption_tasks_use_each_images_own_score():
     refs = [["a red circle on the left"], ["a blue square"]]
     result = score_task("caption", ["a red circle on the left", "nothing here"], refs, {"headline": "BLEU-4"})
     assert result.per_sample is None and len(result.per_image) == 2
-    assert result.per_image[0] == pytest.approx(1.0) and result.per_image[1] < 0.01
+    assert result.per_image[0]["score"] == pytest.approx(1.0) and result.per_image[1]["score"] < 0.01
     cider = score_task("caption", ["a red circle on the left", "nothing here"], refs, {})
-    assert sum(cider.per_image) / 2 == pytest.approx(cider.details["CIDEr"] / 100)  # CIDEr-D: the mean of images
+    # CIDEr-D and ROUGE-L: the corpus scores are the means of the images'
+    assert sum(i["score"] for i in cider.per_image) / 2 == pytest.approx(cider.details["CIDEr"] / 100)
+    assert sum(i["ROUGE-L"] for i in cider.per_image) / 2 == pytest.approx(cider.details["ROUGE-L"] / 100)
 
 
 def test_flips_of_a_real_run(smoke_run, monkeypatch, capsys):
@@ -104,3 +106,24 @@ def test_flips_of_a_real_run(smoke_run, monkeypatch, capsys):
     main()
     text = capsys.readouterr().out
     assert text.startswith("color rows 0 -> 1 (16 samples):")
+
+
+def test_summed_bleu_statistics_give_the_corpus_bleu_exactly():
+    """Resampling images needs BLEU from per-image statistics: on the whole corpus it must be
+    pycocoevalcap's own number, and on a subset that subset's corpus BLEU."""
+    import random
+
+    from mcit.scoring.caption import corpus_bleu, evaluate_captions
+
+    rng = random.Random(0)
+    words = "a red blue green circle square on the left right top of and".split()
+    refs = {str(i): [" ".join(rng.choices(words, k=rng.randint(3, 9))) for _ in range(3)] for i in range(40)}
+    cands = {k: " ".join(rng.choices(words, k=rng.randint(2, 10))) for k in refs}
+    each: dict = {}
+    scores, _ = evaluate_captions(refs, cands, tokenizer="fallback", per_image=each)
+    totals = [sum(col) for col in zip(*each["bleu_stats"], strict=True)]
+    assert corpus_bleu(totals) == [scores[f"BLEU-{n}"] for n in range(1, 5)]  # bit for bit
+    subset = [str(i) for i in range(0, 40, 3)]
+    sub_scores, _ = evaluate_captions({k: refs[k] for k in subset}, {k: cands[k] for k in subset}, tokenizer="fallback")
+    sub_totals = [sum(each["bleu_stats"][int(k)][j] for k in subset) for j in range(10)]
+    assert corpus_bleu(sub_totals) == pytest.approx([sub_scores[f"BLEU-{n}"] for n in range(1, 5)], rel=1e-12)

@@ -76,7 +76,10 @@ def test_compare_formats_and_figure_beside_the_runs(monkeypatch, capsys, smoke_r
     code, text, _ = _mcit(monkeypatch, capsys, "compare", str(out), "--format", "md", "--no-figure")
     lines = text.strip().splitlines()
     assert lines[0].startswith("| run | method | seed | MFT | MFN |") and lines[1].startswith("|---|---|---:|")
-    assert lines[2].startswith(f"| {out.name} | seqft | 0 | {results['metrics']['MFT']:.2f} | {results['metrics']['MFN']:.2f} |")
+    mft, mfn = results["metrics"]["MFT"], results["metrics"]["MFN"]
+    (lo, hi), (lo2, hi2) = results["intervals"]["metrics"]["MFT"], results["intervals"]["metrics"]["MFN"]
+    assert lines[2].startswith(f"| {out.name} | seqft | 0 | {mft:.2f} [{lo:.2f}, {hi:.2f}] | {mfn:.2f} [{lo2:.2f}, {hi2:.2f}] |")
+    assert float(rows[0]["MFN_ci_low"]) == lo2 and float(rows[0]["MFN_ci_high"]) == hi2
     code, _, err = _mcit(monkeypatch, capsys, "compare", str(out), "--format", "xml")
     _assert_one_line_error(code, err, "--format: expected 'table', 'md' or 'csv'")
 

@@ -391,6 +391,7 @@ def compare(
     tradeoff: Annotated[str | None, typer.Option("--tradeoff", help="Plot stability/plasticity against this config key, e.g. method.alpha")] = None,
     format_: Annotated[str, typer.Option("--format", help="table (for the terminal), md (markdown) or csv (full precision)")] = "table",
     strict: Annotated[bool, typer.Option("--strict", help="Fail when a path holds no finished run instead of skipping it")] = False,
+    paired: Annotated[str | None, typer.Option("--paired", help="A,B: two groups of --by (default method) compared seed by seed: differences of each metric, their mean and 95% intervals")] = None,
 ):
     """A table of the metrics of several runs, and one figure."""
     from mcit.report import find_runs
@@ -410,6 +411,31 @@ def compare(
     elif figure is None:
         figure = Path(os.path.commonpath([d.resolve().parent for d in found])) / ("tradeoff.png" if tradeoff else "compare.png")
     _compare(found, figure, by, tradeoff, format_)
+    if paired:
+        _paired(found, by or "method", paired, format_)
+
+
+def _paired(run_dirs: list[Path], by: str, spec: str, fmt: str) -> None:
+    from mcit.report import paired_table
+
+    names = [n.strip() for n in spec.split(",")]
+    if len(names) != 2 or not all(names):
+        raise McitError(f"--paired: expected two groups A,B (e.g. dgg,replay), got {spec!r}")
+    ids, body = paired_table(run_dirs, by, names[0], names[1])
+    if fmt == "csv":
+        sys.stdout.write(",".join(ids) + "\n" + "".join(",".join("" if v is None else str(v) for v in r) + "\n" for r in body))
+        return
+    shown = [[str(v) if not isinstance(v, float) else f"{v:.2f}" for v in r] for r in body]
+    if fmt == "md":
+        sys.stdout.write("\n| " + " | ".join(ids) + " |\n|" + "---|" * len(ids) + "\n"
+                         + "".join("| " + " | ".join(r) + " |\n" for r in shown))
+        return
+    table = Table(title=f"{names[0]} - {names[1]}, paired by seed")
+    for i, col in enumerate(ids):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for r in shown:
+        table.add_row(*r)
+    (out if out.is_terminal else Console(width=max(out.width, 250))).print(table)
 
 
 def _check_by(by: str | None) -> None:
@@ -439,14 +465,15 @@ def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff
             err.print(f"warning: --by {by} pools runs of {group!r} whose configs differ beyond the seed: {what}",
                       highlight=False, soft_wrap=True)
     shown = (*METRICS, *(GENERAL if any(r[g] is not None for r in rows for g in GENERAL) else ()))
-    header, body = compare_cells(rows, by, shown)
+    ids, body, metrics = compare_cells(rows, by, shown)
     if fmt != "table":
-        sys.stdout.write(format_compare(header, body, fmt, by))
+        sys.stdout.write(format_compare(ids, body, metrics, fmt, by))
         if figure:
             err.print(f"figure: {figure}", highlight=False)
         return
-    table = Table(title="mcit compare" + (f" (mean ± std over runs, by {by})" if by else ""))
-    cols, cells = display_cells(header, body, by)
+    table = Table(title="mcit compare" + (f" (mean ± std [95% t-interval] over runs, by {by})" if by
+                                          else " (value [95% interval over test-set resamples])"))
+    cols, cells = display_cells(ids, body, metrics)
     for i, col in enumerate(cols):
         table.add_column(col, justify="left" if i < (1 if by else 2) else "right")
     for row in cells:

@@ -72,7 +72,8 @@ def evaluate_task(model, encoder, spec: TaskSpec, samples: list[Sample], eval_cf
          "question": s.question, "image": None if s.image is None else str(s.image)}
         for s, p, sc in zip(samples, preds, per_sample, strict=True)
     ]
-    if result.per_image is not None:  # captions: each image's headline metric alone (flips)
-        for row, v in zip(rows, result.per_image, strict=True):
-            row["image_score"] = v
+    if result.per_image is not None:  # captions: each image's own scores (flips, resampling images)
+        for row, image in zip(rows, result.per_image, strict=True):
+            row["image_score"] = image["score"]
+            row["caption_stats"] = {k: image[k] for k in ("CIDEr", "ROUGE-L", "bleu")}
     return TaskEval(spec.name, result.scorer, float(result.headline), dict(result.details), rows, dict(result.info))

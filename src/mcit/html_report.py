@@ -108,12 +108,17 @@ def _matrix_table(results: dict) -> str:
         f"<th class=div>{_e(t)} (general)</th>" if i == 0 else f"<th>{_e(t)} (general)</th>" for i, t in enumerate(gtasks))
     rows = []
     grows = general.get("matrix") or [[] for _ in results["matrix"]]
+    iv = results.get("intervals") or {}
+    spans = [[*a, *b] for a, b in zip(iv.get("matrix") or [[] for _ in grows],
+                                      (iv.get("general") or {}).get("matrix") or [[] for _ in grows], strict=True)]
     for i, (label, row, grow) in enumerate(zip(labels, results["matrix"], grows, strict=True)):
         cells = []
         for j, v in enumerate([*row, *grow]):
             bg, fg = _color(v)
             cls = " class=div" if j == len(row) and gtasks else ""
-            cells.append(f"<td{cls} style='background:{bg};color:{fg}' data-value='{v:.2f}'>{v:.1f}</td>")
+            span = spans[i][j] if j < len(spans[i]) else None
+            title = f" title='95% interval [{span[0]:.2f}, {span[1]:.2f}]'" if span else ""
+            cells.append(f"<td{cls}{title} style='background:{bg};color:{fg}' data-value='{v:.2f}'>{v:.1f}</td>")
         rows.append(f"<tr><th class=l>{i}: {_e(label)}</th>{''.join(cells)}</tr>")
     return f"<table class=matrix id=matrix><tr><th class=l>after training \\ task</th>{head}</tr>{''.join(rows)}</table>"
 
@@ -144,8 +149,14 @@ def _metrics_table(results: dict) -> str:
     g = (results.get("general") or {}).get("metrics") or {}
     names = [*METRICS, *(f"general_{k}" for k in ("start", "final", "change") if g)]
     values = [m.get(k) for k in METRICS] + [g.get(k.removeprefix("general_")) for k in names[len(METRICS):]]
+    iv = results.get("intervals") or {}
+    spans = [(iv.get("metrics") or {}).get(k) for k in METRICS] + [
+        (iv.get("general") or {}).get(k.removeprefix("general_")) for k in names[len(METRICS):]]
+    span_row = ("<tr class=note>" + "".join(f"<td>{'' if s is None else f'[{s[0]:.2f}, {s[1]:.2f}]'}</td>" for s in spans)
+                + "</tr>") if iv else ""
     return ("<table id=metrics><tr>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr><tr>"
-            + "".join(f"<td>{_num(v)}</td>" for v in values) + "</tr></table>")
+            + "".join(f"<td>{_num(v)}</td>" for v in values) + f"</tr>{span_row}</table>"
+            + (f"<p class=note>[95% intervals]: {_e(iv['method'])}.</p>" if iv else ""))
 
 
 def _collapse(results: dict) -> str:
@@ -264,8 +275,8 @@ def report_html(run_dirs: list[Path], by: str | None = None) -> str:
     page = Page(f"mcit: study of {len(run_dirs)} runs")
     page.add(f"<h1>Study of {len(run_dirs)} runs</h1>")
     shown = (*METRICS, *(GENERAL if any(r[g] is not None for r in rows for g in GENERAL) else ()))
-    header, body = compare_cells(rows, by, shown)
-    cols, cells = display_cells(header, body, by)
+    ids, body, metrics = compare_cells(rows, by, shown)
+    cols, cells = display_cells(ids, body, metrics)
     table = ("<table id=compare><tr>" + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"
              + "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in cells) + "</table>")
     page.add(f"<h2>Comparison{' (mean ± std by ' + _e(by) + ')' if by else ''}</h2>{table}")

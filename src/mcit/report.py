@@ -72,6 +72,10 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def _span(interval) -> str:
+    return "n/a" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def report_markdown(results: dict) -> str:
     tasks = results["tasks"]
     labels = results.get("row_labels") or [str(i) for i in range(len(results["matrix"]))]
@@ -81,14 +85,24 @@ def report_markdown(results: dict) -> str:
         "| metric | " + " | ".join(METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
         "| value | " + " | ".join(_fmt(results["metrics"].get(m)) for m in METRICS) + " |",
+    ]
+    intervals = results.get("intervals")
+    if intervals:
+        lines.append("| 95% interval | " + " | ".join(_span(intervals["metrics"].get(m)) for m in METRICS) + " |")
+    lines += [
         "",
-        "Accuracy matrix (row = after training, column = evaluated task; headline score 0-100):",
+        "Accuracy matrix (row = after training, column = evaluated task; headline score 0-100"
+        + ("; [95% interval] over test-set resamples" if intervals else "") + "):",
         "",
         "| row | " + " | ".join(f"{t} ({results['scorers'][t]})" for t in tasks) + " |",
         "|---|" + "---|" * len(tasks),
     ]
     for i, (label, row) in enumerate(zip(labels, results["matrix"], strict=True)):
-        lines.append(f"| {i}: {label} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+        spans = intervals["matrix"][i] if intervals else [None] * len(row)
+        lines.append(f"| {i}: {label} | " + " | ".join(f"{v:.2f}" + (f" {_span(c)}" if c else "")
+                                                        for v, c in zip(row, spans, strict=True)) + " |")
+    if intervals:
+        lines += ["", f"Intervals: {intervals['method']}; the spread over training seeds is `mcit compare --by`'s."]
     lines += _general_markdown(results, labels)
     lines += _collapse_markdown(results, labels)
     t = results["timing"]
@@ -202,47 +216,90 @@ def pooled_differences(rows: list[dict], key: str) -> dict[str, dict[str, list]]
     return out
 
 
-def compare_cells(rows: list[dict], by: str | None, shown: tuple[str, ...]) -> tuple[list[str], list[list]]:
-    """The comparison as a header and rows of values (None = undefined): per run, or per group of
-    ``by`` with each metric's mean and its spread over the group's runs."""
+def compare_cells(rows: list[dict], by: str | None, shown: tuple[str, ...]) -> tuple[list[str], list[list], list[str]]:
+    """The comparison as (identity columns, rows, metrics): each row is its identity values then,
+    per metric, (value, spread over the group's runs or None, 95% interval or None). Per run the
+    interval is the test-set bootstrap's; per group of ``by``, Student's t over its runs (seeds)."""
+    from mcit.intervals import t_interval
+
     if by is None:
-        header = ["run", "method", "seed", *shown]
-        return header, [[r["run"], r["method"], r["seed"], *(r[m] for m in shown)] for r in rows]
-    header = [by, "runs", *(c for m in shown for c in (m, f"{m}_std"))]
-    body = [[g[by], g["runs"], *(v for m in shown for v in (g[m], g[m + "_spread"]))] for g in group_rows(rows, by)]
-    return header, body
+        body = [[r["run"], r["method"], r["seed"], *((r[m], None, r.get(f"{m}_ci")) for m in shown)] for r in rows]
+        return ["run", "method", "seed"], body, list(shown)
+    body = []
+    for g in group_rows(rows, by):
+        members = [r for r in rows if r[by] == g[by]]
+        cells = [(g[m], g[m + "_spread"], t_interval([r[m] for r in members if r[m] is not None])) for m in shown]
+        body.append([g[by], g["runs"], *cells])
+    return [by, "runs"], body, list(shown)
 
 
-def format_compare(header: list[str], body: list[list], fmt: str, by: str | None) -> str:
-    """``md``: a markdown table (2 decimals, mean ± std per group); ``csv``: every value at full
-    precision, one column per metric and per spread."""
+def format_compare(ids: list[str], body: list[list], metrics: list[str], fmt: str, by: str | None) -> str:
+    """``md``: a markdown table (2 decimals; a group's metric as mean ± std [95% interval]);
+    ``csv``: every value at full precision, a column for each metric, spread and interval bound."""
     if fmt == "csv":
         import csv
         import io
 
+        header = [*ids, *(c for m in metrics for c in (m, *((f"{m}_std",) if by else ()), f"{m}_ci_low", f"{m}_ci_high"))]
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(header)
-        writer.writerows([["" if v is None else v for v in row] for row in body])
+        for row in body:
+            out = list(row[: len(ids)])
+            for value, spread, ci in row[len(ids):]:
+                out += [value, *((spread,) if by else ()), *(ci or (None, None))]
+            writer.writerow(["" if v is None else v for v in out])
         return buf.getvalue()
-    cols, cells = display_cells(header, body, by)
-    text_columns = 2 if by is None else 1  # run and method, or the group's name: left-aligned
-    align = ["---" if i < text_columns else "---:" for i in range(len(cols))]
+    cols, cells = display_cells(ids, body, metrics)
+    align = ["---" if i < len(ids) - (0 if by else 1) else "---:" for i in range(len(cols))]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|", *("| " + " | ".join(r) + " |" for r in cells)]
     return "\n".join(lines) + "\n"
 
 
-def display_cells(header: list[str], body: list[list], by: str | None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows as display strings: values at 2 decimals, a group's metric as mean ± std."""
-    def fmt(v) -> str:
-        return "n/a" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+def display_cells(ids: list[str], body: list[list], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows as display strings: values at 2 decimals, then ± the spread over a group's
+    runs, then the 95% interval, where there are."""
+    def cell(value, spread, ci) -> str:
+        if value is None:
+            return "n/a"
+        text = f"{value:.2f}" + (f" ± {spread:.2f}" if spread is not None else "")
+        return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
-    if by is None:
-        return header, [[fmt(v) for v in row] for row in body]
-    metrics = header[2::2]
-    rows = [[fmt(row[0]), fmt(row[1]), *("n/a" if row[2 + 2 * i] is None else f"{row[2 + 2 * i]:.2f} ± {row[3 + 2 * i]:.2f}"
-                                         for i in range(len(metrics)))] for row in body]
-    return header[:2] + metrics, rows
+    return [*ids, *metrics], [[str(v) for v in row[: len(ids)]] + [cell(*c) for c in row[len(ids):]] for row in body]
+
+
+PAIRED_METRICS = ("MFN", "MFT", "BWT", "FWT", "forgetting")
+
+
+def paired_table(run_dirs: list[Path], by: str, a: str, b: str) -> tuple[list[str], list[list]]:
+    """Group ``a`` against group ``b`` (of ``by``) over the seeds both ran: per metric, the
+    per-seed differences A - B, their mean, Student's t 95% interval over seeds, and the 95%
+    interval of a paired bootstrap over test samples (both runs of a seed resampled alike)."""
+    from mcit.intervals import paired_bootstrap, t_interval
+
+    rows = compare(run_dirs)
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(str(r[by]), {}).setdefault(r["seed"], r)
+    for name in (a, b):
+        if name not in groups:
+            raise McitError(f"--paired: no runs with {by} {name!r}; there are: {', '.join(groups)}")
+    seeds = sorted(set(groups[a]) & set(groups[b]))
+    if not seeds:
+        raise McitError(f"--paired: {a!r} and {b!r} share no seed ({sorted(groups[a])} against {sorted(groups[b])})")
+    pairs = [(Path(groups[a][s]["dir"]), load_results(groups[a][s]["dir"]),
+              Path(groups[b][s]["dir"]), load_results(groups[b][s]["dir"])) for s in seeds]
+    ids = ["metric", *(f"seed {s}" for s in seeds), "mean", "t 95% low", "t 95% high", "bootstrap low", "bootstrap high"]
+    body = []
+    for m in PAIRED_METRICS:
+        diffs = [groups[a][s][m] - groups[b][s][m] for s in seeds
+                 if groups[a][s][m] is not None and groups[b][s][m] is not None]
+        if len(diffs) != len(seeds):
+            continue  # undefined for one of the methods (e.g. joint's BWT)
+        t = t_interval(diffs) or [None, None]
+        boot = paired_bootstrap(pairs, m)
+        body.append([m, *diffs, statistics.fmean(diffs), *t, *(boot["interval"] if boot else (None, None))])
+    return ids, body
 
 
 def load_results(run_dir: str | Path) -> dict:
@@ -283,9 +340,12 @@ def compare(run_dirs: list[str | Path], out_png: str | Path | None = None) -> li
         T = len(r["tasks"])
         old = statistics.fmean(A[-1][:-1]) if len(A) == T + 1 and T > 1 else None
         general = (r.get("general") or {}).get("metrics") or {}
+        intervals = r.get("intervals") or {}
+        spans = {**{f"{m}_ci": v for m, v in (intervals.get("metrics") or {}).items()},
+                 **{f"general_{k}_ci": (intervals.get("general") or {}).get(k) for k in ("final", "change")}}
         rows.append({"run": Path(d).name, "dir": str(d), "method": r["method"], "seed": r["seed"], "tasks": T,
                      **{m: r["metrics"].get(m) for m in METRICS}, "old_final": old, "new": r["metrics"].get("MFT"),
-                     **{g: general.get(g.removeprefix("general_")) for g in GENERAL}})
+                     **{g: general.get(g.removeprefix("general_")) for g in GENERAL}, **spans})
     if out_png is not None and rows:
         atomic_write_bytes(out_png, compare_png(rows))
     return rows
@@ -336,7 +396,11 @@ def compare_png(rows: list[dict]) -> bytes:
     width = 0.8 / len(rows)
     for i, row in enumerate(rows):
         xs = [j + i * width for j in range(len(shown))]
-        ax.bar(xs, [row[m] if row[m] is not None else 0 for m in shown], width, label=row["run"])
+        values = [row[m] if row[m] is not None else 0 for m in shown]
+        spans = [row.get(f"{m}_ci") for m in shown]
+        err = [[max(0.0, v - s[0]) if s else 0 for v, s in zip(values, spans, strict=True)],
+               [max(0.0, s[1] - v) if s else 0 for v, s in zip(values, spans, strict=True)]]
+        ax.bar(xs, values, width, label=row["run"], yerr=err if any(spans) else None, capsize=2)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shown))], shown)
     ax.axhline(0, color="black", linewidth=0.8)
     return _scores_figure(fig, ax, "mcit compare", 7)

@@ -429,6 +429,9 @@ class Run:
         from mcit.report import write_run_report
 
         if self.accelerator.is_main_process:
+            from mcit.intervals import run_intervals
+
+            results["intervals"] = run_intervals(self.out, results)  # the test set's share of the uncertainty
             write_run_report(self.out, results, html=cfg.html_report)
         if self.tracking:
             self.accelerator.log({f"metrics/{k}": v for k, v in results["metrics"].items() if v is not None},

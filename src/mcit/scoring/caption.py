@@ -15,6 +15,7 @@ start) is computed only when asked for.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -291,9 +292,38 @@ def evaluate_captions(
     scores["ROUGE-L"], each["ROUGE-L"] = float(rouge), [float(v) for v in rouge_each]
     if per_image is not None:
         per_image.update(each)
+        per_image["bleu_stats"] = [bleu_stats(gts[k], res[k][0]) for k in keys]
     if meteor:
         scores["METEOR"] = _meteor(gts, res)
     return scores, info
+
+
+def bleu_stats(references: Sequence[str], candidate: str) -> list[int]:
+    """One image's BLEU sufficient statistics as pycocoevalcap's BleuScorer computes them
+    (tokenised text): [candidate length, closest reference length, guessed 1..4-grams, correct
+    1..4-grams]. Summed over any set of images they give that set's corpus BLEU (:func:`corpus_bleu`)."""
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+
+    cooked = cook_refs(list(references))
+    test = cook_test(candidate, cooked)
+    testlen = test["testlen"]
+    reflen = min((abs(n - testlen), n) for n in cooked[0])[1]  # BleuScorer's "closest" option
+    return [testlen, reflen, *test["guess"], *test["correct"]]
+
+
+def corpus_bleu(totals: Sequence[float]) -> list[float]:
+    """BLEU-1..4 (0..1) from summed :func:`bleu_stats`, with pycocoevalcap's smoothing constants:
+    its corpus score, bit for bit, when the sums cover its images."""
+    small, tiny = 1e-9, 1e-15
+    testlen, reflen, guess, correct = totals[0], totals[1], totals[2:6], totals[6:10]
+    bleus, bleu = [], 1.0
+    for k in range(4):
+        bleu *= float(correct[k] + tiny) / (guess[k] + small)
+        bleus.append(bleu ** (1.0 / (k + 1)))
+    ratio = (testlen + tiny) / (reflen + small)
+    if ratio < 1:
+        bleus = [b * math.exp(1 - 1 / ratio) for b in bleus]
+    return bleus
 
 
 def caption_scores(

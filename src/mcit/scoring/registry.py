@@ -28,9 +28,11 @@ class TaskScore:
     details: dict[str, float]  # every sub-metric, 0..100 scale
     per_sample: list[float] | None  # per-prediction score in [0, 1], mean = headline; None for captions
     info: dict = field(default_factory=dict)
-    # captions: the headline metric of each image alone (0..1 scale; its mean is not the corpus
-    # headline): a per-sample view for flips, never averaged into a score
-    per_image: list[float] | None = None
+    # captions, per image: "score" = the headline metric of that image alone (0..1 scale; a
+    # per-sample view for flips, never averaged into the headline), "CIDEr" and "ROUGE-L" of the
+    # image (their corpus scores are the means), "bleu" = its BLEU sufficient statistics (summed
+    # over images, they give the corpus BLEU): what resampling images needs
+    per_image: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,14 @@ def _run_caption(preds: list[str], refs: list[list[str]], opts: dict[str, Any]) 
     details = {name: 100.0 * value for name, value in scores.items()}
     if opts["headline"] == "mean":
         headline = _plain_sum(list(details.values())) / len(details)
-        per_image = [_plain_sum(v) / len(v) for v in zip(*each.values(), strict=True)] if each else None
+        alone = [_plain_sum(v) / len(v) for v in zip(*(each[m] for m in CAPTION_METRICS), strict=True)]
     else:
         headline = details[opts["headline"]]
-        per_image = each.get(opts["headline"])  # METEOR has none
+        alone = each.get(opts["headline"])  # METEOR has none
+    per_image = None
+    if each:
+        per_image = [{"score": None if alone is None else alone[i], "CIDEr": each["CIDEr"][i],
+                      "ROUGE-L": each["ROUGE-L"][i], "bleu": each["bleu_stats"][i]} for i in range(len(preds))]
     info = dict(info, n=len(preds), headline=opts["headline"])
     return TaskScore("", headline, details, None, info, per_image)
 
