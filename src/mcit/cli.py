@@ -145,8 +145,8 @@ def base_list():
         mean = sum(zs.values()) / len(zs) if zs else float("nan")
         out.print(f"[bold]{name}[/]  {m.get('parameters', 0):,} parameters, {m.get('steps')} steps; "
                   f"zero-shot mean {mean:.1f} on {', '.join(zs)}", highlight=False)
-        out.print(f"    {path}", highlight=False)
-        out.print(f"    built by: {m.get('command')}", highlight=False)
+        out.print(f"    {path}", highlight=False, soft_wrap=True)
+        out.print(f"    built by: {m.get('command')}", highlight=False, soft_wrap=True)
 
 
 @base_app.command("check")
@@ -158,7 +158,7 @@ def base_check(
 
     path = Path(start) if start not in shipped_starts() else resolve_start(start)
     manifest = verify_start(path)
-    out.print(f"{path}: {len(manifest['files'])} files match the manifest")
+    out.print(f"{path}: {len(manifest['files'])} files match the manifest", highlight=False, soft_wrap=True)
 
 
 @data_app.command("synth")
