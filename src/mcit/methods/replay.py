@@ -59,10 +59,12 @@ class ReplayBuffer:
         for t in self.ids:
             self.ids[t] = self.ids[t][:q]
 
-    def samples(self, train_data: dict[str, list[Sample]], exclude: str | None = None) -> list[Sample]:
+    def samples(self, train_data: dict[str, list[Sample]], exclude: str | None = None,
+                only: str | None = None) -> list[Sample]:
+        """The buffer's samples (of every task but ``exclude``, or of ``only``), in buffer order."""
         out = []
         for task, ids in self.ids.items():
-            if task == exclude:
+            if task == exclude or (only is not None and task != only):
                 continue
             if task not in train_data:
                 raise McitError(f"replay buffer holds task {task!r}, which is not in this run's stream")
