@@ -336,3 +336,15 @@ def test_cli_prepare_check_and_list(tmp_path, monkeypatch, capsys):
     assert code == 1 and "problem:" in text and fx.image.name in " ".join(text.split())
     code, text, _ = _mcit(monkeypatch, capsys, "data", "list")
     assert all(name in text for name in WRITERS)
+
+
+def test_a_second_converter_of_the_same_name_is_refused():
+    from dataclasses import replace
+
+    from mcit.data.convert.core import REGISTRY, register
+
+    available_converters()
+    name, conv = next(iter(REGISTRY.items()))
+    with pytest.raises(TypeError, match=f"converter {name!r} is registered twice"):
+        register(replace(conv))
+    assert REGISTRY[name] is conv

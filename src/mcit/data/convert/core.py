@@ -178,6 +178,8 @@ REGISTRY: dict[str, Converter] = {}
 
 
 def register(conv: Converter) -> Converter:
+    if conv.name in REGISTRY:  # a second converter of the same name would silently replace the first
+        raise TypeError(f"converter {conv.name!r} is registered twice")
     REGISTRY[conv.name] = conv
     return conv
 
