@@ -41,6 +41,23 @@ def test_unknown_method(monkeypatch, capsys):
     _assert_one_line_error(code, err, "unknown method 'nope'", "seqft")
 
 
+def test_unknown_start_and_stream_task_name_their_source(monkeypatch, capsys, tmp_path, cache_dir):
+    code, _, err = _mcit(monkeypatch, capsys, "run", str(SMOKE), "--set", "model.kind=start",
+                         "--set", "model.start=nostart")
+    _assert_one_line_error(code, err, "--set model.start=nostart: model.start: no shipped start 'nostart'",
+                           "available: synth")
+    code, _, err = _mcit(monkeypatch, capsys, "run", str(SMOKE), "--out", str(tmp_path / "r"),
+                         "--set", f"cache_dir={cache_dir}", "--set", "benchmark.tasks=[colr]")
+    assert err.count("error:") == 1  # after the benchmark's generation message (a fresh cache)
+    _assert_one_line_error(code, err[err.index("error:"):], "benchmark.tasks: benchmark 'synth'", "has no task 'colr'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_names_the_methods_option(monkeypatch, capsys):
+    code, _, err = _mcit(monkeypatch, capsys, "bench", "overhead", "--config", str(SMOKE), "--methods", "seqft,nope")
+    _assert_one_line_error(code, err, "--methods: unknown method 'nope'; available:")
+
+
 def _benchmark_with(tmp_path, line: str):
     from mcit.data.synth import generate_synth
 

@@ -57,7 +57,10 @@ def overhead(cfg, methods: list[str], steps: int = 100, chunk: int = 5, warm_ste
 
     if len(set(methods)) != len(methods) or not methods:
         raise ConfigError(f"--methods: give distinct method names, got {methods}")
-    classes = {m: get_method(m) for m in methods}
+    try:
+        classes = {m: get_method(m) for m in methods}
+    except ConfigError as e:  # name the option the user gave, not the config key
+        raise ConfigError(f"--methods: {str(e).removeprefix('method.name: ')}") from None
     bad = [m for m, c in classes.items() if c.schedule != "sequential"]
     if bad:
         raise ConfigError(f"--methods: {bad} do not train task by task; the overhead benchmark times sequential methods")

@@ -123,6 +123,17 @@ class ModelConfig(Strict):
             raise ValueError("model.prompt_template must contain '{question}'")
         return self
 
+    @field_validator("start")
+    @classmethod
+    def _shipped(cls, v, info):
+        if info.data.get("kind", "start") == "start":
+            from mcit.models import shipped_starts
+
+            starts = shipped_starts()
+            if v not in starts:
+                raise ValueError(f"no shipped start {v!r}; available: {', '.join(starts) or '(none)'} (mcit base list)")
+        return v
+
 
 class OptimConfig(Strict):
     steps: int = Field(400, ge=1)  # a stage of zero steps would silently train nothing

@@ -100,7 +100,9 @@ def stream_tasks(cfg: RunConfig, bench: Benchmark) -> list[str]:
     else:
         tasks = list(bench.tasks)
     for t in tasks:
-        bench.task(t)  # raises naming the available tasks
+        if t not in bench.tasks:
+            raise ConfigError(f"benchmark.tasks: benchmark {bench.name!r} ({bench.root}) has no task {t!r}; "
+                              f"available: {', '.join(bench.tasks)}")
     if len(set(tasks)) != len(tasks):
         raise ConfigError(f"benchmark.tasks: a task appears twice in {tasks}")
     return tasks

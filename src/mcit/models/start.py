@@ -24,22 +24,14 @@ import torch
 
 from mcit.data.benchmark import Benchmark
 from mcit.errors import ConfigError, McitError
+from mcit.models import MANIFEST, STARTS_DIR, shipped_starts  # noqa: F401 (re-exported)
 from mcit.progress import console
 from mcit.utils import atomic_write_json, environment_info, stable_hash, temporary_sibling
 
-MANIFEST = "manifest.json"
 CACHE_DONE = "mcit_base.json"  # a cached from-scratch base is complete once this exists
-STARTS_DIR = Path(__file__).resolve().parent.parent / "starts"
 
 
 # --- shipped starts ----------------------------------------------------------------------------
-
-def shipped_starts() -> dict[str, Path]:
-    """Every start shipped with the package, by name."""
-    if not STARTS_DIR.is_dir():
-        return {}
-    return {p.name: p for p in sorted(STARTS_DIR.iterdir()) if (p / MANIFEST).is_file()}
-
 
 def resolve_start(name: str) -> Path:
     starts = shipped_starts()
