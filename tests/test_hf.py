@@ -109,3 +109,12 @@ def test_gradient_checkpointing_with_lora_gives_the_same_gradients(hf_dir, smoke
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+
+
+def test_a_wrong_checkpoint_folder_fails_before_the_run_directory_is_touched(smoke_cfg, tmp_path):
+    from mcit.runner import run
+
+    cfg = smoke_cfg("model.kind=hf", f"model.path={tmp_path / 'nope'}")
+    with pytest.raises(ConfigError, match="model.path: .*nope is not a folder"):
+        run(cfg, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run").exists()

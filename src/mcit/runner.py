@@ -372,6 +372,10 @@ class Run:
         # Load every file up front: a malformed line or a missing image fails before any training.
         self.train = load_split(cfg, self.bench, self.tasks, "train")
         self.test = load_split(cfg, self.bench, [*self.tasks, *self.general], "test")
+        if cfg.model.kind == "hf":  # a wrong checkpoint folder fails here, before the run directory is touched
+            from mcit.models.load import check_checkpoint_dir
+
+            check_checkpoint_dir(Path(cfg.model.path).expanduser())
 
         self.show = self.show and self.accelerator.is_main_process
         if self.accelerator.is_main_process:  # the inputs are valid: now an earlier attempt's files may go
