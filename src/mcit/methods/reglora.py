@@ -71,6 +71,7 @@ class RegLoRA(Method):
         self.scaling: dict[str, float] = {}
         self._model = None
         self._seed = 0
+        self._layers: tuple[Any, dict[str, Any]] | None = None  # (model, its LoRA layers)
 
     def setup(self, model, ctx: TaskContext) -> None:
         self._model = ctx.unwrapped if ctx.accelerator is not None else model
@@ -110,7 +111,9 @@ class RegLoRA(Method):
     def penalty(self, model) -> torch.Tensor | None:
         if not self.keys or self.options.lam == 0:
             return None
-        layers = lora_layers(model)
+        if self._layers is None or self._layers[0] is not model:  # walked once, not every step
+            self._layers = (model, lora_layers(model))
+        layers = self._layers[1]
         terms = []
         for name, layer in layers.items():
             if name not in self.keys:
