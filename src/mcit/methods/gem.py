@@ -132,10 +132,9 @@ class GEM(Method):
             return
         self.steps += 1
         batches = {task: self.draw(samples) for task, samples in memory.items()}  # drawn every step: same stream on resume
-        named = [(n, p) for n, p in ctx.trainable_parameters().items() if p.grad is not None]
-        if not named:
+        params = [p for p in ctx.trainable_parameters().values() if p.grad is not None]
+        if not params:
             return
-        params = [p for _, p in named]
         g = torch.cat([p.grad.detach().reshape(-1) for p in params])
         model, encoder, device = ctx.unwrapped, ctx.extras["encoder"], ctx.accelerator.device
         rows = []
