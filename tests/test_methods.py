@@ -301,3 +301,23 @@ def test_gradient_methods_act_on_lora_parameters(smoke_cfg, tmp_path, name):
     lora_b = [n for n in ours if "lora_B" in n]
     assert all(torch.isfinite(ours[n]).all() for n in ours)
     assert max((ours[n] - plain[n]).abs().max().item() for n in lora_b) > 1e-7  # the method changed the update
+
+
+def test_method_catalog_matches_the_registered_classes():
+    # `mcit methods` reads catalog.json instead of importing every method (torch: seconds); a
+    # changed summary, paper, option or default must be refreshed there, or this fails.
+    from mcit.methods.catalog import build_catalog, load_catalog
+
+    assert load_catalog() == build_catalog(), "refresh with: python -m mcit.methods.catalog"
+
+
+def test_methods_listing_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom mcit.cli import app\n"
+            "r = CliRunner().invoke(app, ['methods'])\nassert r.exit_code == 0, r.output\n"
+            "assert 'gem' in r.output and 'margin = 0.5' in r.output, r.output\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

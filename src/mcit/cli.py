@@ -90,24 +90,24 @@ def run(
 @app.command()
 def methods():
     """List the methods, their options and their papers."""
-    from mcit.methods import available_methods
+    from mcit.methods.catalog import load_catalog
 
     configs = Path("configs") / "synth"
     out.print("Each method runs on the embedded default with `mcit run configs/synth/<config>.yaml`: the shipped "
               "start (model.kind: start), LoRA r 8 + the projector (frozen-model methods: the model frozen), "
               "2 epochs per task, general tasks describe and box held out.", highlight=False)
-    registry = available_methods()
-    for name, cls in registry.items():
-        out.print(f"[bold]{name}[/]  ({cls.schedule})  {cls.summary}")
-        if cls.paper:
-            out.print(f"    paper: {cls.paper}")
+    catalog = load_catalog()
+    for name, entry in catalog.items():
+        out.print(f"[bold]{name}[/]  ({entry['schedule']})  {entry['summary']}")
+        if entry["paper"]:
+            out.print(f"    paper: {entry['paper']}")
         shipped = sorted(p.name for p in configs.glob("*.yaml")
-                         if p.stem == name or (p.stem.startswith(name + "_") and p.stem not in registry))
+                         if p.stem == name or (p.stem.startswith(name + "_") and p.stem not in catalog))
         if shipped:
             out.print(f"    configs: {', '.join(shipped)}", highlight=False)
-        for field_name, field in cls.Options.model_fields.items():
-            desc = f"  {field.description}" if field.description else ""
-            out.print(f"    {field_name} = {field.default!r}{desc}")
+        for option in entry["options"]:
+            desc = f"  {option['description']}" if option["description"] else ""
+            out.print(f"    {option['name']} = {option['default']}{desc}")
 
 
 @base_app.command("build")
