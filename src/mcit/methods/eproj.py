@@ -28,6 +28,7 @@ from mcit.errors import McitError
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.query import FrozenQueries, key_scores, pull_keys
+from mcit.methods.routing import RoutingTally
 from mcit.models.tuning import llava_parts
 
 
@@ -77,7 +78,7 @@ class EProj(Method):
         super().__init__(options)
         self.expert_of: dict[str, int] = {}
         self.n_used = 0
-        self.routing: dict[str, dict[str, list[int]]] = {}  # row -> task -> [correct, total]
+        self.routing = RoutingTally()
 
     def setup(self, model, ctx: TaskContext) -> None:
         base, tower, embed = llava_parts(ctx.unwrapped)
@@ -140,22 +141,19 @@ class EProj(Method):
         self.bank.route = choice
         task = ctx.extras.get("eval_task") if ctx is not None else None
         if task in self.expert_of:
-            cell = self.routing.setdefault(str(ctx.stage), {}).setdefault(task, [0, 0])
-            cell[0] += int((choice == self.expert_of[task]).sum())
-            cell[1] += int(choice.numel())
+            self.routing.add(ctx.stage, task, int((choice == self.expert_of[task]).sum()), choice.numel())
 
     def report(self) -> dict:
         return {
             "experts_created": self.n_used,
             "expert_of_task": dict(self.expert_of),
-            "routing_accuracy": {row: {t: round(100.0 * c / n, 2) for t, (c, n) in cells.items() if n}
-                                 for row, cells in self.routing.items()},
+            "routing_accuracy": self.routing.report(),
         }
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self):
         keys = {"image_keys": self.bank.image_keys.detach(), "text_keys": self.bank.text_keys.detach()}
-        return keys, {"expert_of": self.expert_of, "n_used": self.n_used, "routing": self.routing}
+        return keys, {"expert_of": self.expert_of, "n_used": self.n_used, "routing": self.routing.cells}
 
     def load_state_dict(self, tensors, meta) -> None:
         with torch.no_grad():  # the experts themselves come back with the model's trainable weights
@@ -163,7 +161,7 @@ class EProj(Method):
             self.bank.text_keys.copy_(tensors["text_keys"])
         self.expert_of = dict(meta.get("expert_of", {}))
         self.n_used = int(meta.get("n_used", 0))
-        self.routing = {row: {t: list(v) for t, v in cells.items()} for row, cells in meta.get("routing", {}).items()}
+        self.routing.load(meta.get("routing", {}))
 
 
 class EProjSimOptions(EProjOptions):

@@ -61,6 +61,7 @@ from mcit.errors import ConfigError, McitError
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.query import FrozenQueries, key_scores, pull_keys
+from mcit.methods.routing import RoutingTally
 from mcit.models.encode import IGNORE_INDEX
 from mcit.models.tuning import llava_parts
 
@@ -141,7 +142,7 @@ class PromptPoolMethod(Method):
         self._deep: tuple[torch.Tensor, torch.Tensor] | None = None  # (chosen, cols) for the deep layers' hooks
         self.entries_of: dict[str, list[int]] = {}  # task -> the top_k entries it selected most while training
         self.keyed: list[int] = []  # entries whose keys an exact fit has set (never refitted)
-        self.routing: dict[str, dict[str, list[int]]] = {}  # row -> task -> [samples on its own entries, samples]
+        self.routing = RoutingTally()  # per row and task: samples that select only their task's own entries
 
     # --- setup: freeze, add the pool, hook the model ------------------------------------------
     @property
@@ -235,9 +236,7 @@ class PromptPoolMethod(Method):
         if task in self.entries_of:  # routing: how many samples select only their task's own entries
             own = torch.zeros(self.options.pool_size, dtype=torch.bool, device=self._routed.device)
             own[self.entries_of[task]] = True
-            cell = self.routing.setdefault(str(ctx.stage), {}).setdefault(task, [0, 0])
-            cell[0] += int(own[self._routed].all(1).sum())
-            cell[1] += int(self._routed.shape[0])
+            self.routing.add(ctx.stage, task, int(own[self._routed].all(1).sum()), self._routed.shape[0])
 
     def _labels_hook(self, module, args, kwargs):
         self._labels = kwargs.get("labels")
@@ -352,14 +351,13 @@ class PromptPoolMethod(Method):
             "selections_per_entry": self.usage_by_task,
             "entries_of_task": self.entries_of,
             # per row, the % of each trained task's test samples that select only that task's entries
-            "routing_accuracy": {row: {t: round(100.0 * c / n, 2) for t, (c, n) in cells.items() if n}
-                                 for row, cells in self.routing.items()},
+            "routing_accuracy": self.routing.report(),
         }
 
     def state_dict(self):
         tensors = {} if self.usage is None else {"usage": self.usage.cpu().contiguous()}
         return tensors, {"prefix_tokens": self.n_prefix, "usage_by_task": self.usage_by_task,
-                         "entries_of": self.entries_of, "keyed": self.keyed, "routing": self.routing}
+                         "entries_of": self.entries_of, "keyed": self.keyed, "routing": self.routing.cells}
 
     def load_state_dict(self, tensors, meta) -> None:
         usage = tensors.get("usage")
@@ -367,7 +365,7 @@ class PromptPoolMethod(Method):
         self.usage_by_task = {t: list(v) for t, v in meta.get("usage_by_task", {}).items()}
         self.entries_of = {t: list(v) for t, v in meta.get("entries_of", {}).items()}
         self.keyed = list(meta.get("keyed", []))
-        self.routing = {row: {t: list(c) for t, c in cells.items()} for row, cells in meta.get("routing", {}).items()}
+        self.routing.load(meta.get("routing", {}))
 
 
 def _best_cos(keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,199 @@
+"""LoRA experts: the shared mechanism of the LoRA-expert methods (O-LoRA, MoE-LoRA, ...).
+
+Every linear layer that the run's LoRA targets (the PEFT ``LoraLayer`` s of ``model.tuning:
+lora``) gets ``n`` more PEFT adapters, ``e0`` .. ``e{n-1}``, added with PEFT's own
+``add_adapter`` (so they are stored, named, initialised and saved as PEFT adapters are, on the
+tiny model and on an hf checkpoint alike). What PEFT lacks is the combination: its active
+adapters are summed with weight 1, and per-sample routing exists only as an ``adapter_names``
+argument that transformers does not pass down to the layers, with no weights and no gradient.
+So PEFT's own LoRA path is switched off in those layers (``enable_adapters(False)``: each
+returns its base layer's output) and a forward hook adds
+
+    y = base(x) + Σ_e  g_e · scaling_e · B_e A_e dropout_e(x)
+
+where the gate ``g`` is one of (``ExpertBank.use`` / ``weights`` / ``route`` / ``router``):
+
+- a fixed vector over experts (one expert, e.g. the task's own; or a fixed merge, e.g. the sum
+  of every finished task's expert);
+- one vector per sample (``route``: a task id, key or prototype similarity), constant over the
+  sample's tokens and over the whole of a ``generate`` call, so routing inside a batch is the
+  same as routing each sample alone;
+- a learned token-level router per layer (``router``: softmax of a bias-free linear map of the
+  layer's input, optionally kept to its top k and renormalised), as CoIN's MoE-LoRA does.
+
+Experts with zero weight everywhere are skipped, so a gate of exactly one expert gives PEFT's
+LoRA output bit for bit. Freezing is per expert: a frozen expert keeps ``requires_grad`` (so
+the per-task checkpoint still holds it and DDP sees one set of parameters for the whole run)
+and :meth:`ExpertBank.drop_frozen_grads`, called between backward and the optimiser step, sets
+its gradients to None, which AdamW skips (no update, no weight decay): it does not change, bit
+for bit. The PEFT ``default`` adapter stays in the model, frozen and unused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcit.errors import ConfigError, McitError
+
+
+def lora_target_layers(model) -> dict[str, Any]:
+    """The PEFT LoRA layers of ``model`` (a PEFT model) by module name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+class ExpertBank:
+    """``n`` LoRA experts on every LoRA layer of a PEFT model, and the gate that combines them."""
+
+    def __init__(self, model, n: int, rank: int | None = None, alpha: float | None = None,
+                 init: str = "peft", router: bool = False, seed: int = 0):
+        if not hasattr(model, "peft_config") or "default" not in model.peft_config:
+            raise ConfigError("method.name: LoRA experts need the run's LoRA layers; set model.tuning: lora")
+        if n < 1:
+            raise ConfigError(f"method: the expert bank needs at least one expert, got {n}")
+        base_cfg = model.peft_config["default"]
+        self.rank = rank or base_cfg.r
+        self.alpha = alpha if alpha is not None else base_cfg.lora_alpha * self.rank / base_cfg.r
+        self.n = n
+        self.names = [f"e{i}" for i in range(n)]
+        cfg = dataclasses.replace(base_cfg, r=self.rank, lora_alpha=self.alpha)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # PEFT initialises A from the global RNG: make the bank the seed's
+            for name in self.names:
+                model.add_adapter(name, cfg)
+        self.layers = lora_target_layers(model)
+        if not self.layers:
+            raise ConfigError("method.name: the model has no LoRA layers to add experts to")
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            for layer in self.layers.values():
+                layer.enable_adapters(False)  # PEFT's own LoRA path off: the hook adds the experts
+                for name in self.names:
+                    if init == "normal":  # CoIN / MCITlib experts: A ~ N(0, 0.01), B = 0
+                        nn.init.normal_(layer.lora_A[name].weight, mean=0.0, std=0.01)
+                        nn.init.zeros_(layer.lora_B[name].weight)
+                if router:
+                    ref = layer.lora_A[self.names[0]].weight
+                    layer.mcit_router = nn.Linear(layer.in_features, n, bias=False).to(ref.device, ref.dtype)
+        self.has_router = router
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self.frozen: set[int] = set()
+        self._fixed: torch.Tensor | None = torch.zeros(n)  # the gate: a fixed vector ...
+        self._per_sample: torch.Tensor | None = None  # ... or one vector per sample
+        self._router_top_k: int | None = None
+        self._use_router = False
+        self.record: tuple[str, str] | None = None  # (row, task): sum the router's gates in eval mode
+        self._gate_sums: dict[str, dict[str, list]] = {}
+        self._hooks = [layer.register_forward_hook(self._hook) for layer in self.layers.values()]
+
+    # --- parameters -------------------------------------------------------------------------------
+    def expert_parameters(self, e: int) -> list[nn.Parameter]:
+        name = self.names[e]
+        return [p for layer in self.layers.values() for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [layer.mcit_router.weight for layer in self.layers.values()] if self.has_router else []
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for e in range(self.n) for p in self.expert_parameters(e)] + self.router_parameters()
+
+    def factors(self, e: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Expert ``e``'s (A, B, scaling) per layer name."""
+        name = self.names[e]
+        return {n: (layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]))
+                for n, layer in self.layers.items()}
+
+    def freeze(self, e: int) -> None:
+        self.frozen.add(e)
+
+    def drop_frozen_grads(self) -> None:
+        """Between backward and the optimiser step: frozen experts get no update (grad None)."""
+        for e in self.frozen:
+            for p in self.expert_parameters(e):
+                p.grad = None
+
+    # --- the gate ---------------------------------------------------------------------------------
+    def use(self, experts: int | list[int], weights: list[float] | None = None) -> None:
+        """A fixed gate for every sample and token: ``experts`` with ``weights`` (default 1 each)."""
+        experts = [experts] if isinstance(experts, int) else list(experts)
+        weights = [1.0] * len(experts) if weights is None else list(weights)
+        gate = torch.zeros(self.n)
+        for e, w in zip(experts, weights, strict=True):
+            gate[e] = w
+        self._fixed, self._per_sample, self._use_router = gate, None, False
+
+    def route(self, gates: torch.Tensor) -> None:
+        """One gate vector per sample of the coming batch(es): shape (batch, n), held until changed."""
+        if gates.dim() != 2 or gates.shape[1] != self.n:
+            raise McitError(f"expert routing: expected gates of shape (batch, {self.n}), got {tuple(gates.shape)}")
+        self._fixed, self._per_sample, self._use_router = None, gates, False
+
+    def router(self, top_k: int | None = None) -> None:
+        """The learned per-layer token router (dense softmax, or its top k renormalised)."""
+        if not self.has_router:
+            raise McitError("expert bank built without a router")
+        self._fixed, self._per_sample, self._use_router, self._router_top_k = None, None, True, top_k
+
+    def _gate(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self._use_router:
+            probs = torch.softmax(layer.mcit_router(x.to(layer.mcit_router.weight.dtype)), dim=-1)
+            k = self._router_top_k
+            if k is not None and k < self.n:
+                top = probs.topk(k, dim=-1)
+                probs = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
+                probs = probs / probs.sum(-1, keepdim=True)
+            if self.record is not None and not layer.training:
+                row, task = self.record
+                cell = self._gate_sums.setdefault(row, {}).setdefault(task, [torch.zeros(self.n, dtype=torch.float64), 0])
+                cell[0] += probs.detach().reshape(-1, self.n).sum(0).double().cpu()
+                cell[1] += probs.shape[0] * probs.shape[1] if probs.dim() == 3 else probs.shape[0]
+            return probs
+        if self._per_sample is not None:
+            if self._per_sample.shape[0] != x.shape[0]:
+                raise McitError(f"expert routing: {self._per_sample.shape[0]} gates for a batch of {x.shape[0]}")
+            return self._per_sample.to(x.device).unsqueeze(1)  # (batch, 1, n): every token of a sample
+        return self._fixed
+
+    def _hook(self, layer, args, output):
+        x = args[0]
+        gate = self._gate(layer, x)
+        active = (gate != 0).reshape(-1, self.n).any(0).tolist()
+        result = output
+        for e, on in enumerate(active):
+            if not on:
+                continue
+            name = self.names[e]
+            A, B = layer.lora_A[name], layer.lora_B[name]
+            xe = x.to(A.weight.dtype)
+            delta = B(A(layer.lora_dropout[name](xe))) * layer.scaling[name]
+            g = gate[e] if gate.dim() == 1 else gate[..., e : e + 1]
+            result = result + (delta if gate.dim() == 1 and float(g) == 1.0 else delta * g.to(delta.dtype))
+        return result.to(output.dtype)
+
+    def recorded_gates(self) -> dict[str, dict[str, list[float]]]:
+        """Per row and task, the router's mean gate per expert over every LoRA layer and token."""
+        return {row: {t: [round(float(v), 4) for v in total / max(count, 1)] for t, (total, count) in cells.items()}
+                for row, cells in self._gate_sums.items()}
+
+    def gate_state(self) -> dict:
+        return {row: {t: [total.tolist(), count] for t, (total, count) in cells.items()}
+                for row, cells in self._gate_sums.items()}
+
+    def load_gate_state(self, state: dict) -> None:
+        self._gate_sums = {row: {t: [torch.tensor(total, dtype=torch.float64), int(count)]
+                                 for t, (total, count) in cells.items()} for row, cells in state.items()}
+
+    def delta_weight(self, e: int, layer_name: str) -> torch.Tensor:
+        """Expert ``e``'s update of one layer's weight, scaling · B A."""
+        A, B, s = self.factors(e)[layer_name]
+        return (B.detach().float() @ A.detach().float()) * s
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()

@@ -1,0 +1,239 @@
+"""LoRA experts: the shared mechanism (gates, freezing, routing per sample) and O-LoRA, MoE-LoRA."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mcit.errors import ConfigError
+from mcit.methods import TaskContext
+from mcit.methods.experts import ExpertBank
+from mcit.methods.olora import OLoRA, orthogonality_loss
+from mcit.methods.routing import RoutingTally
+from mcit.runner import run
+from tests.conftest import kill_and_resume, make_tiny
+from tests.test_methods import _method, _NoAccelerator
+
+
+def _lora_model(tmp_path, r=2):
+    from mcit.config import LoraConfig
+    from mcit.models.tuning import apply_tuning
+
+    torch.manual_seed(0)
+    model, _, enc, samples = make_tiny(tmp_path)
+    return apply_tuning(model, "lora", LoraConfig(r=r, alpha=2 * r, dropout=0.0)), enc, samples
+
+
+def _randomise(bank, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def test_one_expert_gives_peft_lora_bit_for_bit(tmp_path):
+    model, enc, samples = _lora_model(tmp_path)
+    bank = ExpertBank(model, 3, seed=1)
+    _randomise(bank, 2)
+    model.eval()
+    batch = enc.train_batch(samples)
+    bank.use(1)
+    ours = model(**batch).logits
+    with torch.no_grad():  # the same factors as PEFT's own adapter, PEFT's own path
+        for layer in bank.layers.values():
+            layer.lora_A["default"].weight.copy_(layer.lora_A["e1"].weight)
+            layer.lora_B["default"].weight.copy_(layer.lora_B["e1"].weight)
+            layer.enable_adapters(True)
+    bank.use([])
+    assert torch.equal(model(**batch).logits, ours)
+    bank.use([])
+    for layer in bank.layers.values():
+        layer.enable_adapters(False)
+    base = model(**batch).logits
+    assert not torch.equal(base, ours)  # the expert did act
+
+
+def test_a_fixed_merge_sums_the_experts_updates(tmp_path):
+    model, enc, samples = _lora_model(tmp_path)
+    bank = ExpertBank(model, 3, seed=1)
+    _randomise(bank, 3)
+    name, layer = next(iter(bank.layers.items()))
+    x = torch.randn(2, 5, layer.in_features)
+    bank.use([0, 2], [0.5, 2.0])
+    merged = 0.5 * bank.delta_weight(0, name) + 2.0 * bank.delta_weight(2, name)
+    expected = layer.get_base_layer()(x) + x @ merged.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_per_sample_routing_in_a_batch_equals_each_sample_alone(tmp_path):
+    model, enc, samples = _lora_model(tmp_path)
+    bank = ExpertBank(model, 3, seed=1)
+    _randomise(bank, 4)
+    model.eval()
+    gates = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.3, 0.7]])
+    batch = enc.generation_batch([samples[0], samples[1], samples[0]])
+    bank.route(gates)
+    together = model(**batch).logits
+    for i in range(3):
+        bank.route(gates[i : i + 1])
+        alone = model(**{k: v[i : i + 1] for k, v in batch.items()}).logits
+        torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-6)
+    bank.route(gates[:2])
+    with pytest.raises(Exception, match="2 gates for a batch of 3"):
+        model(**batch)
+
+
+def test_top1_router_is_each_tokens_argmax_expert(tmp_path):
+    model, enc, samples = _lora_model(tmp_path)
+    bank = ExpertBank(model, 3, router=True, seed=1)
+    _randomise(bank, 5)
+    name, layer = next(iter(bank.layers.items()))
+    x = torch.randn(2, 4, layer.in_features)
+    bank.router(top_k=1)
+    out = layer(x)
+    choice = (x @ layer.mcit_router.weight.T).argmax(-1)
+    base = layer.get_base_layer()(x)
+    for b in range(2):
+        for t in range(4):
+            want = base[b, t] + bank.delta_weight(int(choice[b, t]), name) @ x[b, t]
+            torch.testing.assert_close(out[b, t], want, rtol=1e-5, atol=1e-6)
+    assert len(set(choice.flatten().tolist())) > 1  # the tokens did go to different experts
+
+
+def test_frozen_experts_get_no_gradient(tmp_path):
+    model, enc, samples = _lora_model(tmp_path)
+    bank = ExpertBank(model, 2, seed=1)
+    _randomise(bank, 6)
+    bank.use([0, 1])
+    bank.freeze(0)
+    model(**enc.train_batch(samples)).loss.backward()
+    assert all(p.grad is not None for p in bank.expert_parameters(0))
+    bank.drop_frozen_grads()
+    assert all(p.grad is None for p in bank.expert_parameters(0))
+    assert all(p.grad is not None for p in bank.expert_parameters(1))
+
+
+def test_the_bank_needs_lora(tmp_path):
+    from mcit.models.tuning import apply_tuning
+
+    model, _, enc, samples = make_tiny(tmp_path)
+    with pytest.raises(ConfigError, match="model.tuning: lora"):
+        ExpertBank(apply_tuning(model, "full"), 2)
+
+
+def test_routing_tally_known_answer():
+    tally = RoutingTally()
+    tally.add(1, "a", 3, 4)
+    tally.add(1, "a", 0, 1)
+    tally.add(2, "b", 2, 2)
+    tally.add(2, "c", 0, 0)
+    assert tally.report() == {"1": {"a": 60.0}, "2": {"b": 100.0}}
+    again = RoutingTally()
+    again.load(json.loads(json.dumps(tally.cells)))
+    assert again.report() == tally.report()
+
+
+# --- O-LoRA -------------------------------------------------------------------------------------
+def test_olora_loss_is_zero_for_orthogonal_factors_and_grows_with_overlap(tmp_path):
+    model, enc, samples = _lora_model(tmp_path)
+    bank = ExpertBank(model, 2, seed=1)
+    layers = list(bank.layers.values())
+    d = layers[0].in_features
+
+    def set_rows(new_rows, old_rows):
+        with torch.no_grad():
+            for layer in layers:
+                a_new, a_old = layer.lora_A["e1"].weight, layer.lora_A["e0"].weight
+                a_new.zero_(), a_old.zero_()
+                for i, (j, v) in enumerate(new_rows):
+                    a_new[i, j] = v
+                for i, (j, v) in enumerate(old_rows):
+                    a_old[i, j] = v
+
+    set_rows([(0, 1.0), (1, 1.0)], [(2, 1.0), (3, 1.0)])
+    assert float(orthogonality_loss(bank, 1, [0])) == 0.0
+    set_rows([(0, 1.0), (1, 1.0)], [(0, 2.0), (3, 1.0)])  # one shared direction: |1 x 2| per layer
+    assert float(orthogonality_loss(bank, 1, [0])) == pytest.approx(2.0 * len(layers))
+    set_rows([(0, 1.0), (1, 1.0)], [(0, 2.0), (1, -3.0)])
+    assert float(orthogonality_loss(bank, 1, [0])) == pytest.approx(5.0 * len(layers))
+    assert orthogonality_loss(bank, 0, []) is None
+    assert d > 3
+
+
+def _olora_ctx(tmp_path, **options):
+    model, enc, samples = _lora_model(tmp_path)
+    ctx = TaskContext(model, _NoAccelerator(), None, ["a", "b"], {"a": samples, "b": samples}, seed=5)
+    ctx.extras["encoder"] = enc
+    method = _method("olora", **options)
+    method.setup(model, ctx)
+    return method, model, enc, samples, ctx
+
+
+def test_olora_trains_the_current_expert_and_sums_the_finished_ones(tmp_path):
+    method, model, enc, samples, ctx = _olora_ctx(tmp_path, lambda_orth=1.0, lambda_l2=0.5)
+    ctx.stage = 2
+    method.before_task("b", samples, ctx)
+    assert method.bank.frozen == {0}
+    batch = enc.train_batch(samples)
+    outputs = model(**batch)
+    extra = method.extra_loss(batch, outputs, ctx)
+    (outputs.loss + extra).backward()
+    method.before_step(ctx)
+    assert all(p.grad is None for p in method.bank.expert_parameters(0))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.bank.expert_parameters(1))
+    method.after_task("b", ctx)
+    assert method.done == 2 and method.bank.frozen == {0, 1}
+    assert method.bank._fixed.tolist() == [1.0, 1.0]
+
+
+def test_olora_runs_the_smoke_stream_freezes_old_experts_and_resumes_exactly(smoke_cfg, tmp_path, monkeypatch):
+    cfg = smoke_cfg("method.name=olora", "model.tuning=lora", "model.train_projector=true", "benchmark.general=[]")
+    whole = run(cfg, tmp_path / "whole", show_progress=False)
+    ck = tmp_path / "whole" / "checkpoints"
+    stage1 = load_file(str(next(ck.glob("stage_01_*")) / "trainable.safetensors"))
+    stage3 = load_file(str(next(ck.glob("stage_03_*")) / "trainable.safetensors"))
+    e0 = [k for k in stage1 if ".e0." in k]
+    e2 = [k for k in stage1 if ".e2." in k]
+    assert e0 and all(torch.equal(stage1[k], stage3[k]) for k in e0)  # frozen after task 1, bit for bit
+    assert any(not torch.equal(stage1[k], stage3[k]) for k in e2)  # task 3's expert trained
+    assert whole["method_report"]["tasks_done"] == 3
+    assert 0 <= whole["method_report"]["mean_abs_cos_between_tasks"] < 1
+    resumed = kill_and_resume(cfg, tmp_path / "killed", OLoRA, 2, 3, monkeypatch)
+    assert resumed["matrix"] == whole["matrix"]
+    meta = json.loads((tmp_path / "killed" / "checkpoints" / "stage_02_count" / "method.json").read_text())
+    assert meta == {"done": 2}
+
+
+# --- MoE-LoRA -----------------------------------------------------------------------------------
+def test_moelora_with_one_expert_is_plain_lora(tmp_path):
+    # a router over one expert gives it weight exactly 1: the model is PEFT's LoRA with its factors
+    model, enc, samples = _lora_model(tmp_path)
+    ctx = TaskContext(model, _NoAccelerator(), None, ["a"], {"a": samples}, seed=5)
+    method = _method("moelora", experts=1, rank=2)
+    method.setup(model, ctx)
+    _randomise(method.bank, 7)
+    model.eval()
+    batch = enc.train_batch(samples)
+    ours = model(**batch).logits
+    with torch.no_grad():
+        for layer in method.bank.layers.values():
+            layer.lora_A["default"].weight.copy_(layer.lora_A["e0"].weight)
+            layer.lora_B["default"].weight.copy_(layer.lora_B["e0"].weight)
+    method.bank.remove()
+    for layer in method.bank.layers.values():
+        layer.enable_adapters(True)
+    assert torch.equal(model(**batch).logits, ours)
+
+
+def test_moelora_runs_the_smoke_stream_and_records_gates(smoke_cfg, tmp_path):
+    cfg = smoke_cfg("method.name=moelora", "model.tuning=lora", "model.train_projector=true", "benchmark.general=[]",
+                    "method.experts=3")
+    results = run(cfg, tmp_path / "r", show_progress=False)
+    gates = results["method_report"]["mean_gate"]
+    assert set(gates) == {"0", "1", "2", "3"}
+    for cells in gates.values():
+        for mean in cells.values():
+            assert len(mean) == 3 and sum(mean) == pytest.approx(1.0, abs=1e-3)
+    assert any(k.endswith("mcit_router.weight") for k in
+               load_file(str(next((tmp_path / "r" / "checkpoints").glob("stage_01_*")) / "trainable.safetensors")))
