@@ -237,3 +237,70 @@ def test_moelora_runs_the_smoke_stream_and_records_gates(smoke_cfg, tmp_path):
             assert len(mean) == 3 and sum(mean) == pytest.approx(1.0, abs=1e-3)
     assert any(k.endswith("mcit_router.weight") for k in
                load_file(str(next((tmp_path / "r" / "checkpoints").glob("stage_01_*")) / "trainable.safetensors")))
+
+
+# --- MR-LoRA ------------------------------------------------------------------------------------
+def test_mrlora_with_a_perfect_router_equals_the_tasks_own_expert(tmp_path):
+    from mcit.methods.mrlora import MRLoRA
+
+    model, enc, samples = _lora_model(tmp_path)
+    ctx = TaskContext(model, _NoAccelerator(), None, ["a", "b"], {"a": samples, "b": samples}, seed=5)
+    ctx.extras["encoder"] = enc
+    method = _method("mrlora")
+    method.setup(model, ctx)
+    _randomise(method.bank, 8)
+    method.done = 2
+    model.eval()
+    batch = enc.generation_batch(samples)
+    method.choose = lambda batch, model: torch.tensor([1, 0])  # a router that is always right
+    ctx.stage, ctx.extras["eval_task"] = 2, "b"
+    method.route(batch, ctx)
+    routed = model(**batch).logits
+    for i, e in enumerate([1, 0]):
+        method.bank.use(e)
+        alone = model(**{k: v[i : i + 1] for k, v in batch.items()}).logits
+        torch.testing.assert_close(routed[i : i + 1], alone, rtol=1e-5, atol=1e-6)
+    assert method.report()["routing_accuracy"] == {"2": {"b": 50.0}}
+    assert isinstance(method, MRLoRA)
+
+
+def test_mrlora_router_set_is_labelled_and_stable(tmp_path):
+    model, enc, samples = _lora_model(tmp_path)
+    data = {"a": samples * 10, "b": samples * 10}
+    for t, rows in data.items():
+        data[t] = [type(s)(f"{t}{i}", s.image, s.question, s.answer, s.references, t) for i, s in enumerate(rows)]
+
+    class Cfg:
+        seed = 3
+
+    ctx = TaskContext(model, _NoAccelerator(), Cfg(), ["a", "b"], data, seed=5)
+    ctx.extras["encoder"] = enc
+    method = _method("mrlora", router_samples=4)
+    method.setup(model, ctx)
+    method.done = 1
+    first = method.router_set(ctx)
+    method.done = 2
+    both = method.router_set(ctx)
+    assert [s.answer for s in both] == ["1"] * 4 + ["2"] * 4
+    assert [s.id for s in both[:4]] == [s.id for s in first]  # task a's few-shot set does not change
+    assert all(s.task == "b" for s in both[4:])
+
+
+def test_mrlora_runs_the_smoke_stream_routes_and_resumes_exactly(smoke_cfg, tmp_path, monkeypatch):
+    from mcit.methods.mrlora import MRLoRA
+
+    cfg = smoke_cfg("method.name=mrlora", "model.tuning=lora", "model.train_projector=false", "benchmark.general=[]",
+                    "method.router_epochs=3")
+    whole = run(cfg, tmp_path / "whole", show_progress=False)
+    report = whole["method_report"]
+    assert report["tasks_done"] == 3 and len(report["router_steps"]) == 3
+    assert set(report["routing_accuracy"]) == {"1", "2", "3"}
+    assert set(report["routing_accuracy"]["3"]) == {"color", "count", "ocr"}
+    ck = tmp_path / "whole" / "checkpoints"
+    s1 = load_file(str(next(ck.glob("stage_01_*")) / "trainable.safetensors"))
+    s3 = load_file(str(next(ck.glob("stage_03_*")) / "trainable.safetensors"))
+    assert all(torch.equal(s1[k], s3[k]) for k in s1 if ".e0." in k)  # task 1's expert: untouched after it
+    assert any(not torch.equal(s1[k], s3[k]) for k in s1 if ".e3." in k)  # the router: retrained
+    resumed = kill_and_resume(cfg, tmp_path / "killed", MRLoRA, 2, 3, monkeypatch)
+    assert resumed["matrix"] == whole["matrix"]
+    assert resumed["method_report"]["routing_accuracy"] == report["routing_accuracy"]

@@ -21,7 +21,7 @@ def register(cls: type[Method]) -> type[Method]:
 # one loaded, without importing the others (each brings torch; `mcit methods` imports them all).
 BUILTIN = {
     "dgg": "dgg", "eproj": "eproj", "eproj_sim": "eproj", "ewc": "ewc", "fwd_prompt": "prompt",
-    "gem": "gem", "joint": "joint", "lwf": "lwf", "mas": "mas", "moelora": "moelora", "olora": "olora", "prompt_pool": "prompt", "reglora": "reglora", "replay": "replay",
+    "gem": "gem", "joint": "joint", "lwf": "lwf", "mas": "mas", "moelora": "moelora", "mrlora": "mrlora", "olora": "olora", "prompt_pool": "prompt", "reglora": "reglora", "replay": "replay",
     "seqft": "seqft", "tir_ewc": "tir", "tir_mas": "tir", "zeroshot": "zeroshot",
 }
 
