@@ -304,3 +304,46 @@ def test_mrlora_runs_the_smoke_stream_routes_and_resumes_exactly(smoke_cfg, tmp_
     resumed = kill_and_resume(cfg, tmp_path / "killed", MRLoRA, 2, 3, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
     assert resumed["method_report"]["routing_accuracy"] == report["routing_accuracy"]
+
+
+# --- CL-MoE -------------------------------------------------------------------------------------
+def test_clmoe_momentum_update_known_answers():
+    from mcit.methods.clmoe import momentum_update
+
+    old, new = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 10.0])
+    assert momentum_update(old, new, 0.7, exclusive=False).tolist() == pytest.approx([0.7, 3.0])
+    assert momentum_update(old, new, 0.7, exclusive=True).tolist() == pytest.approx([0.3, 7.0])
+
+
+def test_clmoe_after_a_task_moves_experts_by_their_role(tmp_path):
+    model, enc, samples = _lora_model(tmp_path)
+    ctx = TaskContext(model, _NoAccelerator(), None, ["a", "b"], {"a": samples, "b": samples}, seed=5)
+    method = _method("clmoe", experts=3, rank=2, top_experts=1, momentum=0.7)
+    method.setup(model, ctx)
+    bank = method.bank
+    method.expert_sets = [[0]]  # task a used expert 0
+    method.before_task("b", samples, ctx)
+    before = [p.detach().clone() for p in bank.expert_parameters(0) + bank.expert_parameters(1)]
+    _randomise(bank, 9)  # "training" on task b
+    trained = [p.detach().clone() for p in bank.expert_parameters(0) + bank.expert_parameters(1)]
+    bank.usage = torch.tensor([1, 50, 2])  # task b used expert 1: expert 0 is task a's alone
+    method.after_task("b", ctx)
+    assert method.expert_sets == [[0], [1]]
+    after = bank.expert_parameters(0) + bank.expert_parameters(1)
+    half = len(bank.expert_parameters(0))
+    for i, (p, old, new) in enumerate(zip(after, before, trained, strict=True)):
+        m = 0.3 if i < half else 0.7  # exclusive to the old task: 0.3 of the old; shared: 0.7
+        torch.testing.assert_close(p.detach(), m * old + (1 - m) * new)
+
+
+def test_clmoe_runs_the_smoke_stream_and_resumes_exactly(smoke_cfg, tmp_path, monkeypatch):
+    from mcit.methods.clmoe import CLMoE
+
+    cfg = smoke_cfg("method.name=clmoe", "model.tuning=lora", "benchmark.general=[]", "method.experts=3",
+                    "method.top_experts=1")
+    whole = run(cfg, tmp_path / "whole", show_progress=False)
+    sets = whole["method_report"]["expert_sets"]
+    assert len(sets) == 3 and all(len(s) == 1 and 0 <= s[0] < 3 for s in sets)
+    resumed = kill_and_resume(cfg, tmp_path / "killed", CLMoE, 2, 3, monkeypatch)
+    assert resumed["matrix"] == whole["matrix"]
+    assert resumed["method_report"]["expert_sets"] == sets

@@ -20,7 +20,7 @@ def register(cls: type[Method]) -> type[Method]:
 # Every built-in method and the module that registers it: an unknown name is refused, and a known
 # one loaded, without importing the others (each brings torch; `mcit methods` imports them all).
 BUILTIN = {
-    "dgg": "dgg", "eproj": "eproj", "eproj_sim": "eproj", "ewc": "ewc", "fwd_prompt": "prompt",
+    "clmoe": "clmoe", "dgg": "dgg", "eproj": "eproj", "eproj_sim": "eproj", "ewc": "ewc", "fwd_prompt": "prompt",
     "gem": "gem", "joint": "joint", "lwf": "lwf", "mas": "mas", "moelora": "moelora", "mrlora": "mrlora", "olora": "olora", "prompt_pool": "prompt", "reglora": "reglora", "replay": "replay",
     "seqft": "seqft", "tir_ewc": "tir", "tir_mas": "tir", "zeroshot": "zeroshot",
 }

@@ -89,6 +89,7 @@ class ExpertBank:
         self._router_top_k: int | None = None
         self._use_router = False
         self.record: tuple[str, str] | None = None  # (row, task): sum the router's gates in eval mode
+        self.usage: torch.Tensor | None = None  # when set: per expert, tokens that rank it in their top 2 (training)
         self._gate_sums: dict[str, dict[str, list]] = {}
         self._hooks = [layer.register_forward_hook(self._hook) for layer in self.layers.values()]
 
@@ -148,6 +149,9 @@ class ExpertBank:
                 top = probs.topk(k, dim=-1)
                 probs = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
                 probs = probs / probs.sum(-1, keepdim=True)
+            if self.usage is not None and layer.training:
+                top = probs.detach().topk(min(2, self.n), dim=-1).indices.reshape(-1)
+                self.usage += torch.bincount(top.cpu(), minlength=self.n)
             if self.record is not None and not layer.training:
                 row, task = self.record
                 cell = self._gate_sums.setdefault(row, {}).setdefault(task, [torch.zeros(self.n, dtype=torch.float64), 0])
