@@ -347,3 +347,79 @@ def test_clmoe_runs_the_smoke_stream_and_resumes_exactly(smoke_cfg, tmp_path, mo
     resumed = kill_and_resume(cfg, tmp_path / "killed", CLMoE, 2, 3, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
     assert resumed["method_report"]["expert_sets"] == sets
+
+
+# --- HiDe-LLaVA and DISCO -----------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["mean", "sum", "sum_product"])
+def test_merged_layers_known_answers(tmp_path, kind):
+    model, enc, samples = _lora_model(tmp_path)
+    bank = ExpertBank(model, 3, seed=1)
+    _randomise(bank, 10)
+    name, layer = next(iter(bank.layers.items()))
+    other = list(bank.layers)[1]
+    bank.route(torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))  # the gate elsewhere: expert 2 only
+    bank.merge_layers([name], [0, 1], kind)
+    x = torch.randn(2, 3, layer.in_features)
+    d0, d1 = bank.delta_weight(0, name), bank.delta_weight(1, name)
+    if kind == "sum_product":  # HiDe's code: scaling (B0 + B1)(A0 + A1), cross terms included
+        (a0, b0, s), (a1, b1, _) = bank.factors(0)[name], bank.factors(1)[name]
+        delta = s * (b0 + b1).detach() @ (a0 + a1).detach()
+        assert not torch.allclose(delta, d0 + d1)  # not the sum of the updates
+    else:
+        delta = (d0 + d1) / 2 if kind == "mean" else d0 + d1
+    torch.testing.assert_close(layer(x), layer.get_base_layer()(x) + x @ delta.T, rtol=1e-5, atol=1e-6)
+    o = bank.layers[other]  # a layer not merged follows the gate
+    x2 = torch.randn(2, 3, o.in_features)
+    torch.testing.assert_close(o(x2), o.get_base_layer()(x2) + x2 @ bank.delta_weight(2, other).T, rtol=1e-5, atol=1e-6)
+
+
+def test_hide_top_layer_is_the_last_decoder_layer(tmp_path):
+    from mcit.config import LoraConfig
+    from mcit.methods.hide import top_layer_names
+    from mcit.models.tuning import apply_tuning
+
+    model, _, enc, samples = make_tiny(tmp_path, text_layers=3)
+    model = apply_tuning(model, "lora", LoraConfig(r=2, alpha=4, dropout=0.0))
+    bank = ExpertBank(model, 2, seed=1)
+    top = top_layer_names(bank, 1)
+    assert top and all(".layers.2." in n for n in top)
+    assert len(top) == len([n for n in bank.layers if ".layers.2." in n])
+    assert set(top_layer_names(bank, 2)) == {n for n in bank.layers if ".layers.1." in n or ".layers.2." in n}
+
+
+def test_anchor_similarities_and_weights(tmp_path):
+    model, enc, samples = _lora_model(tmp_path)
+    ctx = TaskContext(model, _NoAccelerator(), None, ["a", "b", "c"], {t: samples for t in "abc"}, seed=5)
+    ctx.extras["encoder"] = enc
+    method = _method("hide", modalities="text", temperature=0.1)
+    method.setup(model, ctx)
+    q = method._encode_questions([s.question for s in samples])
+    method.text_anchor = torch.stack([q[1], q[0], q[0]])  # task a ~ sample 1, task b ~ sample 0
+    method.image_anchor = torch.zeros(3, 16)
+    method.done = 2
+    batch = enc.generation_batch(samples)
+    s = method.similarities(batch, samples)
+    assert s[0, 1] == pytest.approx(1.0, abs=1e-5) and s[1, 0] == pytest.approx(1.0, abs=1e-5)
+    assert s[:, 2].tolist() == [0.0, 0.0]  # task c is not trained: 0, as the reference's empty anchors
+    ctx.batch_samples, ctx.stage, ctx.extras["eval_task"] = samples, 2, "b"
+    method.route(batch, ctx)
+    w = method.bank._per_sample
+    torch.testing.assert_close(w, torch.softmax(s / 0.1, dim=-1))
+    assert method.report()["routing_accuracy"] == {"2": {"b": 50.0}}  # sample 0 -> b, sample 1 -> a
+
+
+@pytest.mark.parametrize("name", ["hide", "disco"])
+def test_anchor_methods_run_the_smoke_stream_and_resume_exactly(smoke_cfg, tmp_path, monkeypatch, name):
+    from mcit.methods import get_method
+
+    cfg = smoke_cfg(f"method.name={name}", "model.tuning=lora", "benchmark.general=[]")
+    whole = run(cfg, tmp_path / "whole", show_progress=False)
+    report = whole["method_report"]
+    assert report["tasks_done"] == 3 and set(report["routing_accuracy"]["3"]) == {"color", "count", "ocr"}
+    ck = tmp_path / "whole" / "checkpoints"
+    s1 = load_file(str(next(ck.glob("stage_01_*")) / "trainable.safetensors"))
+    s3 = load_file(str(next(ck.glob("stage_03_*")) / "trainable.safetensors"))
+    assert all(torch.equal(s1[k], s3[k]) for k in s1 if ".e0." in k)  # task 1's expert: untouched after it
+    resumed = kill_and_resume(cfg, tmp_path / "killed", get_method(name), 2, 3, monkeypatch)
+    assert resumed["matrix"] == whole["matrix"]
+    assert resumed["method_report"] == report

@@ -29,6 +29,8 @@ def generate(model, encoder, samples: list[Sample], batch_size: int, max_new_tok
         chunk = samples[start : start + batch_size]
         batch = {k: v.to(device) for k, v in encoder.generation_batch(chunk).items()}
         if method is not None:
+            if ctx is not None:
+                ctx.batch_samples = chunk  # routing by the samples' text (e.g. a sentence encoder)
             method.route(batch, ctx)
         out = model.generate(
             **batch,

@@ -20,8 +20,8 @@ def register(cls: type[Method]) -> type[Method]:
 # Every built-in method and the module that registers it: an unknown name is refused, and a known
 # one loaded, without importing the others (each brings torch; `mcit methods` imports them all).
 BUILTIN = {
-    "clmoe": "clmoe", "dgg": "dgg", "eproj": "eproj", "eproj_sim": "eproj", "ewc": "ewc", "fwd_prompt": "prompt",
-    "gem": "gem", "joint": "joint", "lwf": "lwf", "mas": "mas", "moelora": "moelora", "mrlora": "mrlora", "olora": "olora", "prompt_pool": "prompt", "reglora": "reglora", "replay": "replay",
+    "clmoe": "clmoe", "dgg": "dgg", "disco": "disco", "eproj": "eproj", "eproj_sim": "eproj", "ewc": "ewc", "fwd_prompt": "prompt",
+    "gem": "gem", "hide": "hide", "joint": "joint", "lwf": "lwf", "mas": "mas", "moelora": "moelora", "mrlora": "mrlora", "olora": "olora", "prompt_pool": "prompt", "reglora": "reglora", "replay": "replay",
     "seqft": "seqft", "tir_ewc": "tir", "tir_mas": "tir", "zeroshot": "zeroshot",
 }
 

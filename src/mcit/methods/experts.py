@@ -91,6 +91,8 @@ class ExpertBank:
         self.record: tuple[str, str] | None = None  # (row, task): sum the router's gates in eval mode
         self.usage: torch.Tensor | None = None  # when set: per expert, tokens that rank it in their top 2 (training)
         self._gate_sums: dict[str, dict[str, list]] = {}
+        self._layer_name = {id(layer): name for name, layer in self.layers.items()}
+        self._merged: dict[str, tuple[str, list[int]]] = {}  # layer name -> (kind, experts): overrides the gate
         self._hooks = [layer.register_forward_hook(self._hook) for layer in self.layers.values()]
 
     # --- parameters -------------------------------------------------------------------------------
@@ -141,6 +143,17 @@ class ExpertBank:
             raise McitError("expert bank built without a router")
         self._fixed, self._per_sample, self._use_router, self._router_top_k = None, None, True, top_k
 
+    def merge_layers(self, names, experts: list[int], kind: str = "mean") -> None:
+        """Fixed merges in the layers ``names``, over ``experts``, whatever the gate says elsewhere:
+        ``mean``: Σ_e ΔW_e / k; ``sum``: Σ_e ΔW_e; ``sum_product``: scaling · (Σ_e B_e)(Σ_e A_e), the
+        cross terms B_i A_j included (HiDe-LLaVA's code). No ``names``: no merged layers."""
+        if kind not in ("mean", "sum", "sum_product"):
+            raise McitError(f"expert merge: unknown kind {kind!r}")
+        unknown = [n for n in names if n not in self.layers]
+        if unknown:
+            raise McitError(f"expert merge: no LoRA layer {unknown[0]!r}")
+        self._merged = {n: (kind, list(experts)) for n in names}
+
     def _gate(self, layer, x: torch.Tensor) -> torch.Tensor:
         if self._use_router:
             probs = torch.softmax(layer.mcit_router(x.to(layer.mcit_router.weight.dtype)), dim=-1)
@@ -166,7 +179,22 @@ class ExpertBank:
 
     def _hook(self, layer, args, output):
         x = args[0]
-        gate = self._gate(layer, x)
+        merged = self._merged.get(self._layer_name[id(layer)]) if self._merged else None
+        if merged is None:
+            gate = self._gate(layer, x)
+        else:
+            kind, experts = merged
+            if not experts:
+                return output
+            if kind == "sum_product":
+                names = [self.names[e] for e in experts]
+                A = torch.stack([layer.lora_A[n].weight for n in names]).sum(0)
+                B = torch.stack([layer.lora_B[n].weight for n in names]).sum(0)
+                xe = layer.lora_dropout[names[0]](x.to(A.dtype))
+                delta = nn.functional.linear(nn.functional.linear(xe, A), B) * layer.scaling[names[0]]
+                return (output + delta).to(output.dtype)
+            gate = torch.zeros(self.n)
+            gate[experts] = 1.0 / len(experts) if kind == "mean" else 1.0
         active = (gate != 0).reshape(-1, self.n).any(0).tolist()
         result = output
         for e, on in enumerate(active):
