@@ -423,3 +423,53 @@ def test_anchor_methods_run_the_smoke_stream_and_resume_exactly(smoke_cfg, tmp_p
     resumed = kill_and_resume(cfg, tmp_path / "killed", get_method(name), 2, 3, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
     assert resumed["method_report"] == report
+
+
+# --- SMoLoRA ------------------------------------------------------------------------------------
+def _smolora(tmp_path, **options):
+    model, enc, samples = _lora_model(tmp_path)
+    ctx = TaskContext(model, _NoAccelerator(), None, ["a"], {"a": samples}, seed=5)
+    method = _method("smolora", **options)
+    method.setup(model, ctx)
+    _randomise(method.bank, 11)
+    return method, model, enc, samples, ctx
+
+
+def test_smolora_layer_output_known_answer(tmp_path):
+    method, model, enc, samples, ctx = _smolora(tmp_path, experts=4, rank=2)
+    method.before_task("a", samples, ctx)
+    name, layer = next(iter(method.bank.layers.items()))
+    layer.eval()
+    x = torch.randn(3, 5, layer.in_features)
+    out = layer(x)
+    base = layer.get_base_layer()(x)
+    for b in range(3):
+        vu = int(layer.mcit_vu_gate(x[b].mean(0)).argmax())
+        ins = 2 + int(layer.mcit_if_gate(method.instruction[0]).argmax())
+        h_vu = x[b] @ method.bank.delta_weight(vu, name).T
+        h_if = x[b] @ method.bank.delta_weight(ins, name).T
+        w = torch.softmax(torch.cat([layer.mcit_fc_vu(h_vu), layer.mcit_fc_if(h_if)], -1), -1)
+        torch.testing.assert_close(out[b], base[b] + w[:, :1] * h_vu + w[:, 1:] * h_if, rtol=1e-5, atol=1e-6)
+
+
+def test_smolora_routers_stay_fixed_and_the_fc_maps_train(tmp_path):
+    method, model, enc, samples, ctx = _smolora(tmp_path, experts=4, rank=2)
+    method.before_task("a", samples, ctx)
+    model.train()
+    model(**enc.train_batch(samples)).loss.backward()
+    layer = next(iter(method.bank.layers.values()))
+    assert layer.mcit_vu_gate.weight.grad is None and not layer.mcit_vu_gate.weight.requires_grad
+    assert layer.mcit_fc_vu.weight.grad is not None and layer.mcit_fc_vu.weight.grad.abs().sum() > 0
+
+
+def test_smolora_runs_the_smoke_stream_and_resumes_exactly(smoke_cfg, tmp_path, monkeypatch):
+    from mcit.methods.smolora import SMoLoRA
+
+    cfg = smoke_cfg("method.name=smolora", "model.tuning=lora", "benchmark.general=[]", "method.experts=4")
+    whole = run(cfg, tmp_path / "whole", show_progress=False)
+    resumed = kill_and_resume(cfg, tmp_path / "killed", SMoLoRA, 2, 3, monkeypatch)
+    assert resumed["matrix"] == whole["matrix"]
+    trained = load_file(str(next((tmp_path / "whole" / "checkpoints").glob("stage_01_*")) / "trainable.safetensors"))
+    assert any(k.endswith("mcit_fc_vu.weight") for k in trained)  # the fc maps train and are checkpointed
+    assert not any("mcit_vu_gate" in k or "mcit_if_gate" in k for k in trained)  # the routers are fixed
+    assert any(".lora_B.e" in k and v.abs().sum() > 0 for k, v in trained.items())  # experts trained

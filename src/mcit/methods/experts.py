@@ -93,6 +93,8 @@ class ExpertBank:
         self._gate_sums: dict[str, dict[str, list]] = {}
         self._layer_name = {id(layer): name for name, layer in self.layers.items()}
         self._merged: dict[str, tuple[str, list[int]]] = {}  # layer name -> (kind, experts): overrides the gate
+        # a method's own combination, (layer, x, base output) -> output, in place of the gate (SMoLoRA)
+        self.combiner = None
         self._hooks = [layer.register_forward_hook(self._hook) for layer in self.layers.values()]
 
     # --- parameters -------------------------------------------------------------------------------
@@ -177,8 +179,16 @@ class ExpertBank:
             return self._per_sample.to(x.device).unsqueeze(1)  # (batch, 1, n): every token of a sample
         return self._fixed
 
+    def expert_delta(self, layer, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s output in one layer: scaling · B_e A_e dropout(x)."""
+        name = self.names[e]
+        A, B = layer.lora_A[name], layer.lora_B[name]
+        return B(A(layer.lora_dropout[name](x.to(A.weight.dtype)))) * layer.scaling[name]
+
     def _hook(self, layer, args, output):
         x = args[0]
+        if self.combiner is not None:
+            return self.combiner(layer, x, output)
         merged = self._merged.get(self._layer_name[id(layer)]) if self._merged else None
         if merged is None:
             gate = self._gate(layer, x)
@@ -200,10 +210,7 @@ class ExpertBank:
         for e, on in enumerate(active):
             if not on:
                 continue
-            name = self.names[e]
-            A, B = layer.lora_A[name], layer.lora_B[name]
-            xe = x.to(A.weight.dtype)
-            delta = B(A(layer.lora_dropout[name](xe))) * layer.scaling[name]
+            delta = self.expert_delta(layer, e, x)
             g = gate[e] if gate.dim() == 1 else gate[..., e : e + 1]
             result = result + (delta if gate.dim() == 1 and float(g) == 1.0 else delta * g.to(delta.dtype))
         return result.to(output.dtype)
