@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from tests.conftest import SMOKE
 
 
-@pytest.mark.parametrize("method", ["seqft", "ewc"])
+@pytest.mark.parametrize("method", ["seqft", "ewc", "mrlora"])
 def test_two_processes_match_one(smoke_cfg, smoke_run, tmp_path, method):
     """Same matrix, and the same weights up to the order of floating-point sums: gloo's
     all-reduce adds the two halves' gradients, one process adds all 16 samples' at once, and
@@ -22,6 +22,8 @@ def test_two_processes_match_one(smoke_cfg, smoke_run, tmp_path, method):
 
     cache = smoke_cfg().cache_dir
     overrides = [f"method.name={method}", "threads=1", f"cache_dir={cache}"]
+    if method == "mrlora":  # LoRA experts: frozen experts' gradients dropped, a router stage inside after_task
+        overrides += ["model.tuning=lora", "method.router_epochs=2"]
     one = run(smoke_cfg(*overrides), tmp_path / "one", show_progress=False)
     args = [sys.executable, "-m", "mcit", "run", str(SMOKE), "--num-processes", "2", "--quiet",
             "--out", str(tmp_path / "two")]
