@@ -51,7 +51,7 @@ class ExpertBank:
     """``n`` LoRA experts on every LoRA layer of a PEFT model, and the gate that combines them."""
 
     def __init__(self, model, n: int, rank: int | None = None, alpha: float | None = None,
-                 init: str = "peft", router: bool = False, seed: int = 0):
+                 init: str = "peft", router: bool = False, seed: int = 0, modules: list[str] | None = None):
         if not hasattr(model, "peft_config") or "default" not in model.peft_config:
             raise ConfigError("method.name: LoRA experts need the run's LoRA layers; set model.tuning: lora")
         if n < 1:
@@ -66,13 +66,16 @@ class ExpertBank:
             torch.manual_seed(seed)  # PEFT initialises A from the global RNG: make the bank the seed's
             for name in self.names:
                 model.add_adapter(name, cfg)
-        self.layers = lora_target_layers(model)
+        every = lora_target_layers(model)
+        for layer in every.values():
+            layer.enable_adapters(False)  # PEFT's own LoRA path off (and frozen): the hook adds the experts
+        # ``modules``: experts only in these linear layers (e.g. the FFN); the others keep no LoRA at all
+        self.layers = {n: m for n, m in every.items() if modules is None or n.rsplit(".", 1)[-1] in modules}
         if not self.layers:
-            raise ConfigError("method.name: the model has no LoRA layers to add experts to")
+            raise ConfigError(f"method: no LoRA layer to add experts to (model.lora.target_modules vs {modules})")
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             for layer in self.layers.values():
-                layer.enable_adapters(False)  # PEFT's own LoRA path off: the hook adds the experts
                 for name in self.names:
                     if init == "normal":  # CoIN / MCITlib experts: A ~ N(0, 0.01), B = 0
                         nn.init.normal_(layer.lora_A[name].weight, mean=0.0, std=0.01)
