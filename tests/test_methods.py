@@ -269,7 +269,9 @@ def test_bench_overhead_times_every_method_against_seqft(smoke_cfg, smoke_run, m
     assert rows["ewc"]["one_off_s"] > 0 and rows["ewc"]["method_state_mb"] > 0
     assert rows["lwf"]["method_state_mb"] > 0  # the precomputed teacher logits
     assert all(r["step_ms_median"] > 0 for r in rows.values())
-    assert "ratio" in capsys.readouterr().out
+    assert rows["seqft"]["trainable_params"] == rows["ewc"]["trainable_params"] > 0  # same tuning, same count
+    text = capsys.readouterr().out
+    assert "ratio" in text and "trainable M" in text
 
     monkeypatch.setattr(sys, "argv", [*argv, "--methods", "seqft,joint"])
     with pytest.raises(SystemExit) as e:

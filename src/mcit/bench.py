@@ -133,6 +133,8 @@ def overhead(cfg, methods: list[str], steps: int = 100, chunk: int = 5, warm_ste
             "one_off_s": round(lane.one_off_s, 3),
             "one_off_fraction": round(lane.one_off_s / task_s, 4),
             "method_state_mb": round(state_bytes / 2**20, 3),
+            # trainable parameters (the LoRA experts of the expert methods live here, not in the state)
+            "trainable_params": sum(p.numel() for p in lane.ctx.unwrapped.parameters() if p.requires_grad),
             "cuda_peak_mb": None if lane.cuda_peak_mb is None else round(lane.cuda_peak_mb, 1),
         })
     return {

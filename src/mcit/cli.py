@@ -288,14 +288,15 @@ def bench_overhead(
     report = overhead(cfg, names, steps=steps, chunk=chunk, show_progress=not quiet)
     table = Table(title=f"step time vs {report['baseline']} ({report['steps']} interleaved steps each, "
                         f"batch {report['batch_size']}, {report['environment'].get('device')})")
-    for col in ("method", "ms/step", "ratio", "IQR ms", "one-off s", "% of task", "state MB", "CUDA MB"):
+    for col in ("method", "ms/step", "ratio", "IQR ms", "one-off s", "% of task", "state MB", "trainable M", "CUDA MB"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in report["rows"]:
         table.add_row(r["method"], f"{r['step_ms_median']:.1f}", f"{r['ratio']:.3f}x",
                       f"{r['step_ms_iqr'][0]:.1f}-{r['step_ms_iqr'][1]:.1f}", f"{r['one_off_s']:.2f}",
                       f"{100 * r['one_off_fraction']:.1f}%", f"{r['method_state_mb']:.2f}",
+                      f"{r['trainable_params'] / 1e6:.3f}",
                       "n/a" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}")
-    out.print(table)
+    (out if out.is_terminal else Console(width=max(out.width, 250))).print(table)  # a pipe: never cut a number
     atomic_write_json(out_json, report)
     out.print(f"wrote {out_json}")
 
