@@ -393,7 +393,7 @@ def test_anchor_similarities_and_weights(tmp_path):
     ctx.extras["encoder"] = enc
     method = _method("hide", modalities="text", temperature=0.1)
     method.setup(model, ctx)
-    q = method._encode_questions([s.question for s in samples])
+    q = method.text.cached([s.question for s in samples])
     method.text_anchor = torch.stack([q[1], q[0], q[0]])  # task a ~ sample 1, task b ~ sample 0
     method.image_anchor = torch.zeros(3, 16)
     method.done = 2

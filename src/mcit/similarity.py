@@ -57,6 +57,14 @@ class TextEncoder:
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
         return out
 
+    def cached(self, texts: list[str]) -> torch.Tensor:
+        """``encode`` with a memory of every text seen (routing encodes the same questions each row)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
+        if missing:
+            cache.update(zip(missing, self.encode(missing), strict=True))
+        return torch.stack([cache[t] for t in texts])
+
     def mean(self, texts: list[str]) -> torch.Tensor:
         """The mean vector of ``texts``, encoding each distinct text once (instructions repeat a few
         templates and short answers repeat a lot, so this is most of the cost saved)."""

@@ -57,7 +57,6 @@ class AnchoredExperts(Method):
         super().__init__(options)
         self.done = 0
         self.routing = RoutingTally()
-        self._text_cache: dict[str, torch.Tensor] = {}
 
     def setup(self, model, ctx: TaskContext) -> None:
         from mcit.methods.query import FrozenQueries
@@ -105,13 +104,6 @@ class AnchoredExperts(Method):
         self.set_inference()
 
     # --- inference -----------------------------------------------------------------------------
-    def _encode_questions(self, questions: list[str]) -> torch.Tensor:
-        missing = [q for q in dict.fromkeys(questions) if q not in self._text_cache]
-        if missing:
-            for q, v in zip(missing, self.text.encode(missing), strict=True):
-                self._text_cache[q] = v
-        return torch.stack([self._text_cache[q] for q in questions])
-
     def similarities(self, batch: dict, samples: list[Sample]) -> torch.Tensor:
         """(batch, tasks): s per sample and stream task; 0 for tasks not finished."""
         cos = torch.nn.functional.cosine_similarity
@@ -120,7 +112,7 @@ class AnchoredExperts(Method):
             image_q, _ = self.queries(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
             parts.append(cos(image_q.float().cpu().unsqueeze(1), self.image_anchor.unsqueeze(0), dim=-1))
         if self.options.modalities in ("both", "text"):
-            text_q = self._encode_questions([s.question for s in samples])
+            text_q = self.text.cached([s.question for s in samples])
             parts.append(cos(text_q.unsqueeze(1), self.text_anchor.unsqueeze(0), dim=-1))
         s = torch.stack(parts).mean(0)
         s[:, self.done :] = 0.0

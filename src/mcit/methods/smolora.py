@@ -87,7 +87,6 @@ class SMoLoRA(Method):
         self.bank.combiner = self.combine
         self.instruction: torch.Tensor | None = None  # (1 or batch, dim): the IF router's input
         self._task_vectors: dict[str, torch.Tensor] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
         self._ctx, self._last = ctx, None
         self.started = False  # zero-shot row: the start itself (B = 0 makes every expert zero anyway)
 
@@ -96,13 +95,6 @@ class SMoLoRA(Method):
         if task not in self._task_vectors:
             self._task_vectors[task] = self.text.mean([s.question for s in samples]).unsqueeze(0)
         return self._task_vectors[task]
-
-    def _questions(self, samples: list[Sample]) -> torch.Tensor:
-        missing = [q for q in dict.fromkeys(s.question for s in samples) if q not in self._text_cache]
-        if missing:
-            for q, v in zip(missing, self.text.encode(missing), strict=True):
-                self._text_cache[q] = v
-        return torch.stack([self._text_cache[s.question] for s in samples])
 
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
         self.started = True
@@ -115,7 +107,7 @@ class SMoLoRA(Method):
         if self.options.instruction == "task" and task in ctx.train_data:
             self.instruction = self.task_vector(task, ctx.train_data[task])
         else:  # sample mode, or a general task (no training data to take a task instruction from)
-            self.instruction = self._questions(ctx.batch_samples)
+            self.instruction = self.text.cached([s.question for s in ctx.batch_samples])
 
     # --- the layer's combination ----------------------------------------------------------------
     def combine(self, layer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -124,7 +116,7 @@ class SMoLoRA(Method):
         half = self.options.experts // 2
         if self.options.instruction == "sample" and layer.training and self._ctx.batch_samples is not self._last:
             self._last = self._ctx.batch_samples  # once per batch, not once per layer
-            self.instruction = self._questions(self._last)
+            self.instruction = self.text.cached([s.question for s in self._last])
         xe = x.to(layer.mcit_vu_gate.weight.dtype)
         vu_choice = layer.mcit_vu_gate(xe.mean(1)).argmax(-1)  # (batch,)
         ins = self.instruction.to(xe.device, xe.dtype)
