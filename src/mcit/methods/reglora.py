@@ -51,6 +51,34 @@ def _factors(layer) -> tuple[torch.Tensor, torch.Tensor, float]:
     return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter])
 
 
+def merge_factors(model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: dict[str, float]) -> None:
+    """W <- W + scaling · B A in every LoRA layer named in ``factors``."""
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for name, (A, B) in factors.items():
+            weight = layers[name].get_base_layer().weight
+            delta = (B.to(weight.device).float() @ A.to(weight.device).float()) * scaling[name]
+            weight.add_(delta.to(weight.dtype))
+
+
+def merged_tensors(merged: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Every merged task's factors as flat checkpoint tensors (``merged.K.A.layer``, ``merged.K.B.layer``)."""
+    out = {}
+    for k, factors in enumerate(merged):
+        for n, (A, B) in factors.items():
+            out[f"merged.{k}.A.{n}"], out[f"merged.{k}.B.{n}"] = A, B
+    return out
+
+
+def merged_from(tensors: dict[str, torch.Tensor], count: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    merged = []
+    for k in range(count):
+        a, b = f"merged.{k}.A.", f"merged.{k}.B."
+        names = [n[len(a):] for n in tensors if n.startswith(a)]
+        merged.append({n: (tensors[a + n], tensors[b + n]) for n in names})
+    return merged
+
+
 def key_positions(delta: torch.Tensor, ratio: float) -> torch.Tensor:
     """Flat indices of the ``ratio`` share (rounded down, at least 1) of entries largest in |delta|."""
     k = max(1, int(ratio * delta.numel()))
@@ -90,16 +118,9 @@ class RegLoRA(Method):
             factors[name] = (A.detach().cpu().clone(), B.detach().cpu().clone())
             self.scaling[name] = scaling
         self.merged.append(factors)
-        self._merge(ctx.unwrapped, factors)
+        merge_factors(ctx.unwrapped, factors, self.scaling)
         self._reset(ctx.unwrapped, len(self.merged))
 
-    def _merge(self, model, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        layers = lora_layers(model)
-        with torch.no_grad():
-            for name, (A, B) in factors.items():
-                weight = layers[name].get_base_layer().weight
-                delta = (B.to(weight.device).float() @ A.to(weight.device).float()) * self.scaling[name]
-                weight.add_(delta.to(weight.dtype))
 
     def _reset(self, model, tasks_done: int) -> None:
         with torch.random.fork_rng(devices=[]):
@@ -134,22 +155,15 @@ class RegLoRA(Method):
     # --- checkpoint ------------------------------------------------------------------------------
     def state_dict(self):
         tensors = {f"keys.{n}": v.cpu() for n, v in self.keys.items()}
-        for k, factors in enumerate(self.merged):
-            for n, (A, B) in factors.items():
-                tensors[f"merged.{k}.A.{n}"], tensors[f"merged.{k}.B.{n}"] = A, B
-        return tensors, {"tasks_merged": len(self.merged), "scaling": self.scaling}
+        return {**tensors, **merged_tensors(self.merged)}, {"tasks_merged": len(self.merged), "scaling": self.scaling}
 
     def load_state_dict(self, tensors, meta) -> None:
         """Restore the key positions and re-apply every finished task's merge to the start's weights
         (``setup`` ran on the fresh model; the checkpoint's trainable state holds the fresh adapter)."""
         self.keys = {k[len("keys."):]: v for k, v in tensors.items() if k.startswith("keys.")}
         self.scaling = {n: float(s) for n, s in meta.get("scaling", {}).items()}
-        self.merged = []
-        for k in range(int(meta.get("tasks_merged", 0))):
-            a, b = f"merged.{k}.A.", f"merged.{k}.B."
-            names = [n[len(a):] for n in tensors if n.startswith(a)]
-            self.merged.append({n: (tensors[a + n], tensors[b + n]) for n in names})
+        self.merged = merged_from(tensors, int(meta.get("tasks_merged", 0)))
         if self._model is None:
             raise ConfigError("reglora: load_state_dict before setup; the merges need the model")
         for factors in self.merged:
-            self._merge(self._model, factors)
+            merge_factors(self._model, factors, self.scaling)
