@@ -270,9 +270,13 @@ class PromptPoolMethod(Method):
         if pixel_values is None:
             return None
         if torch.is_grad_enabled() and self.options.key_weight > 0:
-            self._key_loss = ((1 - _best_cos(self.pool.image_keys[chosen], image_q))
-                              + (1 - _best_cos(self.pool.text_keys[chosen], text_q))).sum(1).mean()
+            self._key_loss = self.key_loss(chosen, image_q, text_q)
         return None
+
+    def key_loss(self, chosen: torch.Tensor, image_q: torch.Tensor, text_q: torch.Tensor) -> torch.Tensor:
+        """L2P's key-matching loss of a training batch: Σ over its chosen entries of (1 - cos), batch mean."""
+        return ((1 - _best_cos(self.pool.image_keys[chosen], image_q))
+                + (1 - _best_cos(self.pool.text_keys[chosen], text_q))).sum(1).mean()
 
     def _insert_hook(self, module, args, output):
         if self._pending is None:
