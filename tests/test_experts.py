@@ -478,3 +478,31 @@ def test_smolora_runs_the_smoke_stream_and_resumes_exactly(smoke_cfg, tmp_path, 
     assert any(k.endswith("mcit_fc_vu.weight") for k in trained)  # the fc maps train and are checkpointed
     assert not any("mcit_vu_gate" in k or "mcit_if_gate" in k for k in trained)  # the routers are fixed
     assert any(".lora_B.e" in k and v.abs().sum() > 0 for k, v in trained.items())  # experts trained
+
+
+def test_mrlora_label_tokens_are_the_trained_answer_tokens():
+    from mcit.methods.mrlora import label_tokens
+
+    class Piece:  # SentencePiece-like: " 1" -> [▁, 1]; the encoder trains on " " + answer
+        vocab = {"▁": 5, "1": 11, "2": 12, "▁1": 21}
+
+        def __call__(self, text, add_special_tokens=False):
+            ids = [self.vocab["▁"]] if text.startswith(" ") else []
+            return {"input_ids": ids + [self.vocab[c] for c in text.strip()]}
+
+    common, nexts = label_tokens(Piece(), ["1", "2"])
+    assert common == [5] and nexts.tolist() == [11, 12]  # the shared ▁ is fed, then 1 vs 2 is read
+
+    class Bpe:  # byte-level BPE: " 1" is one token, different from "1"
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [{" 1": 101, " 2": 102, "1": 1, "2": 2}[text]]}
+
+    common, nexts = label_tokens(Bpe(), ["1", "2"])
+    assert common == [] and nexts.tolist() == [101, 102]
+
+    class Same:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [7]}
+
+    with pytest.raises(ConfigError, match="does not tell the task labels"):
+        label_tokens(Same(), ["1", "2"])

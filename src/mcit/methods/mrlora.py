@@ -58,6 +58,21 @@ def task_label(index: int) -> str:
     return str(index + 1)
 
 
+def label_tokens(tokenizer, labels: list[str]) -> tuple[list[int], torch.Tensor]:
+    """(the token ids every label starts with, each label's first token after them), encoded as the
+    encoder encodes a training answer (a leading space: a SentencePiece or byte-level BPE tokenizer
+    gives "1" and " 1" different ids)."""
+    ids = [tokenizer(" " + label, add_special_tokens=False)["input_ids"] for label in labels]
+    common = 0
+    while all(len(i) > common + 1 for i in ids) and len({i[common] for i in ids}) == 1:
+        common += 1
+    nexts = [i[common] if len(i) > common else None for i in ids]
+    if None in nexts or len(set(nexts)) != len(nexts):
+        raise ConfigError(f"method.name: mrlora: the tokenizer does not tell the task labels {labels} apart by one "
+                          f"token after their shared start ({ids})")
+    return ids[0][:common], torch.tensor(nexts)
+
+
 @register
 class MRLoRA(Method):
     name = "mrlora"
@@ -78,17 +93,7 @@ class MRLoRA(Method):
         self.router = self.n_tasks
         self.bank.use([])
         self.encoder = ctx.extras["encoder"]
-        tok = self.encoder.tokenizer
-        firsts = []
-        for i in range(self.n_tasks):
-            ids = tok(task_label(i), add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ConfigError(f"method.name: mrlora: the tokenizer encodes the task label {task_label(i)!r} as nothing")
-            firsts.append(ids[0])
-        if len(set(firsts)) != len(firsts):
-            raise ConfigError("method.name: mrlora: the tokenizer gives two task labels the same first token; "
-                              f"labels {[task_label(i) for i in range(self.n_tasks)]} must start differently")
-        self.label_tokens = torch.tensor(firsts)
+        self.common, self.label_tokens = label_tokens(self.encoder.tokenizer, [task_label(i) for i in range(self.n_tasks)])
         self._seed = ctx.config.seed if ctx.config is not None else ctx.seed
 
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
@@ -148,10 +153,14 @@ class MRLoRA(Method):
 
     @torch.no_grad()
     def choose(self, batch: dict, model) -> torch.Tensor:
-        """Each sample's task (0-based), by the router's next-token scores over the finished tasks' labels."""
+        """Each sample's task (0-based): the router reads the prompt (and the labels' shared leading
+        tokens, if any) and the finished task whose label's next token it rates highest wins."""
         self.bank.use(self.router)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       pixel_values=batch["pixel_values"]).logits[:, -1, :]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.common:  # left-padded prompts: the shared tokens go at the end of every row
+            extra = torch.tensor(self.common, dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
+            ids, mask = torch.cat([ids, extra], 1), torch.cat([mask, torch.ones_like(extra)], 1)
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits[:, -1, :]
         labels = self.label_tokens[: self.done].to(logits.device)
         return logits[:, labels].argmax(-1)
 
