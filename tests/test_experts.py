@@ -416,7 +416,9 @@ def test_anchor_similarities_and_weights(tmp_path):
 def test_anchor_methods_run_the_smoke_stream_and_resume_exactly(smoke_cfg, tmp_path, monkeypatch, name):
     from mcit.methods import get_method
 
-    cfg = smoke_cfg(f"method.name={name}", "model.tuning=lora", "benchmark.general=[]", "benchmark.tasks=[color,count]")
+    # two decoder layers: HiDe's lower layer holds the merge (rebuilt on resume), the top one routes
+    cfg = smoke_cfg(f"method.name={name}", "model.tuning=lora", "benchmark.general=[]", "benchmark.tasks=[color,count]",
+                    "model.tiny.text_layers=2")
     whole = run(cfg, tmp_path / "whole", show_progress=False)
     report = whole["method_report"]
     assert report["tasks_done"] == 2 and set(report["routing_accuracy"]["2"]) == {"color", "count"}
@@ -506,3 +508,38 @@ def test_mrlora_label_tokens_are_the_trained_answer_tokens():
 
     with pytest.raises(ConfigError, match="does not tell the task labels"):
         label_tokens(Same(), ["1", "2"])
+
+
+def test_smolora_batched_generation_routes_as_each_sample_alone(tmp_path):
+    method, model, enc, samples, ctx = _smolora(tmp_path, experts=4, rank=2)
+    method.before_task("a", samples, ctx)
+    model.eval()
+    ctx.extras["eval_task"], ctx.stage = "a", 1
+    batch = enc.generation_batch(samples)
+    assert (batch["attention_mask"] == 0).any()  # left padding in the batch
+    ctx.batch_samples = samples
+    method.route(batch, ctx)
+    together = model(**batch).logits[:, -1]
+    for i in range(2):
+        one = enc.generation_batch([samples[i]])
+        ctx.batch_samples = [samples[i]]
+        method.route(one, ctx)
+        torch.testing.assert_close(together[i], model(**one).logits[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_smolora_prefill_pools_only_the_samples_own_tokens(tmp_path):
+    method, model, enc, samples, ctx = _smolora(tmp_path, experts=4, rank=2)
+    method.before_task("a", samples, ctx)
+    layer = next(iter(method.bank.layers.values()))
+    layer.eval()
+    x = torch.randn(1, 5, layer.in_features)
+    method.eval_mask = torch.ones(1, 5, dtype=torch.long)
+    alone = layer(x)
+    chosen = int(layer.mcit_vu_gate(x[0].mean(0)).argmax())
+    pull = layer.mcit_vu_gate.weight[1 - chosen] - layer.mcit_vu_gate.weight[chosen]  # toward the other VU expert
+    pad = (100.0 * pull).detach().expand(1, 3, -1)  # left padding that would flip an unmasked mean
+    padded = torch.cat([pad, x], 1)
+    method.eval_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    torch.testing.assert_close(layer(padded)[:, 3:], alone, rtol=1e-5, atol=1e-6)
+    method.eval_mask = None  # unmasked, the padding does flip it: the test can tell
+    assert not torch.allclose(layer(padded)[:, 3:], alone, atol=1e-6)

@@ -93,11 +93,40 @@ def test_same_inference_routing_in_a_padded_batch_equals_each_sample_alone(tmp_p
 def test_same_masks_low_scoring_experts_but_never_the_current_one(tmp_path):
     method, model, enc, samples, ctx = _same(tmp_path, tau=0.1)
     st = next(iter(method.state.values()))
+    x = torch.zeros(1, 1, next(iter(method.bank.layers.values())).in_features)
     method.current = 0
     st.util, st.importance = torch.tensor([0.9, 0.1]), torch.tensor([0.0, 0.0])
-    x = torch.zeros(1, 1, next(iter(method.bank.layers.values())).in_features)
     method._observe(st, x, torch.tensor([[[0.9, 0.1]]]))
-    assert st.mask.tolist() == [1.0, 0.0] and st.locked  # expert 1 scores 0 < tau; expert 0 is the task's
+    assert st.mask.tolist() == [1.0, 0.0] and st.locked  # expert 1 scores 0 < tau
+    st.mask, st.locked = torch.ones(2), False
+    method.current = 1  # now the low scorer is the current task's expert: never masked
+    st.util, st.importance = torch.tensor([0.9, 0.1]), torch.tensor([0.0, 0.0])
+    method._observe(st, x, torch.tensor([[[0.9, 0.1]]]))
+    assert st.mask.tolist() == [1.0, 1.0] and not st.locked
+
+
+def test_same_masked_experts_get_no_step(tmp_path):
+    method, model, enc, samples, ctx = _same(tmp_path)
+    ctx.stage = 1
+    method.before_task("a", samples, ctx)
+    for st in method.state.values():
+        st.mask, st.locked = torch.tensor([1.0, 0.0]), True
+    model.train()
+    model(**enc.train_batch(samples)).loss.backward()
+    method.before_step(ctx)
+    layer = next(iter(method.bank.layers.values()))
+    assert layer.lora_A["e1"].weight.grad is None and layer.lora_B["e1"].weight.grad is None
+    assert layer.lora_B["e0"].weight.grad is not None
+
+
+def test_low_rank_precondition_equals_the_full_matrix():
+    from mcit.methods.same import precondition
+
+    gen = torch.Generator().manual_seed(2)
+    u, _ = torch.linalg.qr(torch.randn(6, 4, generator=gen))
+    s = torch.tensor([3.0, 2.0, 0.5, 0.1])
+    g = torch.randn(3, 6, generator=gen)
+    torch.testing.assert_close(precondition(g, u, s, 0.9, 0.9), g @ curvature_preconditioner(u, s, 0.9, 0.9))
 
 
 def test_same_runs_the_smoke_stream_and_resumes_exactly(smoke_cfg, tmp_path, monkeypatch):

@@ -64,6 +64,8 @@ class CLMoE(MoELoRA):
 
     def after_task(self, task, ctx: TaskContext) -> None:
         usage, self.bank.usage = self.bank.usage, None
+        if getattr(ctx.accelerator, "num_processes", 1) > 1:  # every process counted its share of the batches
+            usage = ctx.accelerator.reduce(usage.to(ctx.accelerator.device), "sum").cpu()
         k = min(self.options.top_experts, self.bank.n)
         current = sorted(usage.topk(k).indices.tolist())
         if self.expert_sets:

@@ -119,12 +119,16 @@ class KeepLoRA(Method):
         model.eval()  # no dropout: the gradient of the weights as they are
         size = ctx.config.train.batch_size if ctx.config is not None else 8
         batches = 0
+        totals = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
         try:
             for i in range(0, len(picked), size):
                 batch = {k: v.to(ctx.accelerator.device) for k, v in encoder.train_batch(picked[i : i + size]).items()}
                 model(**batch).loss.backward()
+                for name, w in weights.items():  # summed in float32, not in the weights' dtype (bf16 on GPUs)
+                    totals[name] += w.grad.float()
+                    w.grad = None
                 batches += 1
-            grads = {name: (w.grad.detach().float() / max(batches, 1)).cpu() for name, w in weights.items()}
+            grads = {name: (t / max(batches, 1)).cpu() for name, t in totals.items()}
         finally:
             for w in weights.values():
                 w.grad = None

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from mcit.errors import ConfigError
 from mcit.methods import register
 from mcit.methods.base import TaskContext
 from mcit.methods.prompt import PromptPoolMethod, PromptPoolOptions
@@ -55,6 +56,9 @@ class ModalPrompt(PromptPoolMethod):
     paper = "Zeng et al., ModalPrompt: Dual-Modality Guided Prompt for Continual Learning of Large Multimodal Models, arXiv 2410.05849"
 
     def setup(self, model, ctx: TaskContext) -> None:
+        if ctx.config is not None and ctx.config.train.weight_decay:
+            raise ConfigError("train.weight_decay: modalprompt keeps finished tasks' prompts fixed only without "
+                              "weight decay (all prompts are one tensor; AdamW would shrink the old rows); set 0")
         self.options = self.options.model_copy(update={"pool_size": len(ctx.tasks), "top_k": 1, "diversity": False,
                                                        "batchwise": False, "key_fit": "loss"})
         super().setup(model, ctx)

@@ -89,11 +89,19 @@ def router_projection(grad: torch.Tensor, u: torch.Tensor, s: torch.Tensor, ener
 
 
 def curvature_preconditioner(u: torch.Tensor, s: torch.Tensor, energy: float, mu: float) -> torch.Tensor:
-    """U diag(1 / (s + mu)) Uᵀ + (I - UUᵀ) / mu over the leading directions."""
+    """U diag(1 / (s + mu)) Uᵀ + (I - UUᵀ) / mu over the leading directions (d x d: for tests)."""
     k = leading(s, energy)
     v = u[:, :k]
     eye = torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
     return (v * (1.0 / (s[:k] + mu))) @ v.T + (eye - v @ v.T) / mu
+
+
+def precondition(grad: torch.Tensor, u: torch.Tensor, s: torch.Tensor, energy: float, mu: float) -> torch.Tensor:
+    """grad · curvature_preconditioner(u, s), in low-rank form: G / mu + (G V) diag(1/(s+mu) - 1/mu) Vᵀ
+    (never the d x d matrix: 11008² floats per FFN layer on a 7B model)."""
+    k = leading(s, energy)
+    v = u[:, :k]
+    return grad / mu + ((grad @ v) * (1.0 / (s[:k] + mu) - 1.0 / mu)) @ v.T
 
 
 def minmax(v: torch.Tensor) -> torch.Tensor:
@@ -207,6 +215,8 @@ class SAME(Method):
 
     def before_step(self, ctx: TaskContext) -> None:
         o = self.options
+        if getattr(ctx.accelerator, "num_processes", 1) > 1:
+            self._share(ctx.accelerator)
         with torch.no_grad():
             for name, layer in self.bank.layers.items():
                 st = self.state[name]
@@ -214,12 +224,26 @@ class SAME(Method):
                 if w.grad is not None and st.u is not None and st.count > o.start_step:
                     u, s = st.u.to(w.grad), st.s.to(w.grad)
                     w.grad.copy_(router_projection(w.grad, u, s, o.energy, o.window))
-                if self.current >= 1 and st.u_prev is not None:
-                    pre = curvature_preconditioner(st.u_prev, st.s_prev, o.energy, o.curvature_mu)
-                    for e in self.bank.names:
-                        a = layer.lora_A[e].weight
-                        if a.grad is not None:
-                            a.grad.copy_(a.grad @ pre.to(a.grad))
+                for e, expert in enumerate(self.bank.names):
+                    A, B = layer.lora_A[expert].weight, layer.lora_B[expert].weight
+                    if st.mask[e] == 0:  # masked: no step at all (a zero gradient would still move it under Adam)
+                        A.grad = B.grad = None
+                    elif self.current >= 1 and st.u_prev is not None and A.grad is not None:
+                        A.grad.copy_(precondition(A.grad, st.u_prev.to(A.grad), st.s_prev.to(A.grad), o.energy,
+                                                  o.curvature_mu))
+
+    def _share(self, accelerator) -> None:
+        """Several processes: every process takes process 0's statistics, so all edit the averaged
+        gradient alike and keep one model (the reference edits each process's gradient with its own
+        statistics before DDP averages them)."""
+        from accelerate.utils import broadcast
+
+        for st in self.state.values():
+            if st.u is None:
+                continue
+            for field in ("u", "s", "mask", "util", "importance"):
+                setattr(st, field, broadcast(getattr(st, field).to(accelerator.device)).cpu())
+            st.locked = bool(broadcast(torch.tensor([float(st.locked)], device=accelerator.device)).item())
 
     def after_task(self, task, ctx: TaskContext) -> None:
         for st in self.state.values():

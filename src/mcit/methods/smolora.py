@@ -88,6 +88,7 @@ class SMoLoRA(Method):
         self.instruction: torch.Tensor | None = None  # (1 or batch, dim): the IF router's input
         self._task_vectors: dict[str, torch.Tensor] = {}
         self._ctx, self._last = ctx, None
+        self.eval_mask: torch.Tensor | None = None  # the attention mask of the batch being generated from
         self.started = False  # zero-shot row: the start itself (B = 0 makes every expert zero anyway)
 
     # --- the instruction embedding --------------------------------------------------------------
@@ -103,6 +104,7 @@ class SMoLoRA(Method):
             self.instruction = self.task_vector(task, ctx.train_data[task])
 
     def route(self, batch: dict, ctx: TaskContext) -> None:
+        self.eval_mask = batch["attention_mask"]
         task = ctx.extras.get("eval_task")
         if self.options.instruction == "task" and task in ctx.train_data:
             self.instruction = self.task_vector(task, ctx.train_data[task])
@@ -118,7 +120,15 @@ class SMoLoRA(Method):
             self._last = self._ctx.batch_samples  # once per batch, not once per layer
             self.instruction = self.text.cached([s.question for s in self._last])
         xe = x.to(layer.mcit_vu_gate.weight.dtype)
-        vu_choice = layer.mcit_vu_gate(xe.mean(1)).argmax(-1)  # (batch,)
+        mask = self.eval_mask
+        if not layer.training and mask is not None and mask.shape[:2] == xe.shape[:2]:
+            # a generation prefill: each sample's own tokens, not the batch's left padding (the
+            # reference evaluates one sample at a time; this gives a batch what each alone gets)
+            w = mask.to(xe.dtype).unsqueeze(-1)
+            pooled = (xe * w).sum(1) / w.sum(1).clamp(min=1.0)
+        else:
+            pooled = xe.mean(1)
+        vu_choice = layer.mcit_vu_gate(pooled).argmax(-1)  # (batch,)
         ins = self.instruction.to(xe.device, xe.dtype)
         if_choice = layer.mcit_if_gate(ins).argmax(-1).expand(x.shape[0]) + half  # (batch,)
         h_vu = self._chosen(layer, x, vu_choice)
