@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from mcit.errors import McitError
 from mcit.intervals import run_intervals, t_interval
 from mcit.report import metrics_for
 
@@ -98,6 +99,12 @@ def test_paired_differences_by_seed(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "| MFN | 30.00 | 30.00 | 30.00 | 30.00 | 30.00 | 30.00 |" in text
     assert "| good | 3 |" in text and " ± " in text and " [" in text  # groups: mean ± std [t-interval]
+
+    # two runs of one group and seed (e.g. an ablation that reports its method's name): refused, not guessed
+    twin = tmp_path / "good0b"
+    _run(twin, {r: {"a": [1.0] * 100, "b": [1.0] * 100} for r in range(3)}, seed=0, method="good")
+    with pytest.raises(McitError, match="has two runs of seed 0"):
+        paired_table([*runs, twin], "method", "good", "bad")
 
 
 def test_a_run_records_its_intervals(smoke_run):

@@ -280,7 +280,11 @@ def paired_table(run_dirs: list[Path], by: str, a: str, b: str) -> tuple[list[st
     rows = compare(run_dirs)
     groups: dict = {}
     for r in rows:
-        groups.setdefault(str(r[by]), {}).setdefault(r["seed"], r)
+        seen = groups.setdefault(str(r[by]), {})
+        if r["seed"] in seen and str(r[by]) in (a, b):  # which of the two would be paired? refuse to guess
+            raise McitError(f"--paired: {by} {r[by]!r} has two runs of seed {r['seed']} ({seen[r['seed']]['dir']}, "
+                            f"{r['dir']}); pair by run (--by run) or pass one run per seed")
+        seen.setdefault(r["seed"], r)
     for name in (a, b):
         if name not in groups:
             raise McitError(f"--paired: no runs with {by} {name!r}; there are: {', '.join(groups)}")
