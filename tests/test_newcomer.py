@@ -273,7 +273,7 @@ def test_the_builtin_method_table_is_complete_and_keeps_errors_light():
             "print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code, str(SMOKE)], capture_output=True, text=True, timeout=120)
     lines = proc.stdout.strip().splitlines()
-    assert lines[0].startswith("--set method.name=nope: method.name: unknown method 'nope'; available: dgg, eproj")
+    assert lines[0].startswith("--set method.name=nope: method.name: unknown method 'nope'; available: clmoe, dgg, disco, eproj")
     assert lines[1].startswith("--set train.lr=-1: train.lr: Input should be greater than 0")
     assert lines[2] == "False"
 
