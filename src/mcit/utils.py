@@ -92,6 +92,11 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def stable_seed(*parts: Any) -> int:
+    """A seed in [0, 2**31) derived from ``parts`` (e.g. the run seed and a purpose), the same on every machine."""
+    return int(stable_hash(list(parts)), 16) % 2**31
+
+
 def flatten(data: dict, sep: str = ".", prefix: str = "") -> dict:
     """A nested dict as one level of ``a.b.c`` keys (lists and scalars are leaves)."""
     out = {}

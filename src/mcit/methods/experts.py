@@ -208,7 +208,8 @@ class ExpertBank:
                 return (output + delta).to(output.dtype)
             gate = torch.zeros(self.n)
             gate[experts] = 1.0 / len(experts) if kind == "mean" else 1.0
-        active = (gate != 0).reshape(-1, self.n).any(0).tolist()
+        # a router's softmax reaches every expert: no per-layer device sync to find the active ones
+        active = [True] * self.n if self._use_router and merged is None else (gate != 0).reshape(-1, self.n).any(0).tolist()
         result = output
         for e, on in enumerate(active):
             if not on:

@@ -35,7 +35,7 @@ from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.experts import ExpertBank
 from mcit.methods.routing import RoutingTally
-from mcit.utils import stable_hash
+from mcit.utils import stable_seed
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
@@ -63,7 +63,7 @@ class AnchoredExperts(Method):
         from mcit.similarity import TextEncoder
 
         self.n_tasks = len(ctx.tasks)
-        seed = int(stable_hash([ctx.seed, self.name, "init"]), 16) % 2**31
+        seed = stable_seed(ctx.seed, self.name, "init")
         self.bank = ExpertBank(ctx.unwrapped, self.n_tasks, self.options.rank, init=self.options.init, seed=seed)
         self.bank.use([])
         self.encoder = ctx.extras["encoder"]

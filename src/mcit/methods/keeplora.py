@@ -38,6 +38,7 @@ from mcit.errors import ConfigError
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.reglora import _factors, lora_layers, merge_factors, merged_from, merged_tensors
+from mcit.models.tuning import only_trainable
 
 
 class KeepLoRAOptions(MethodOptions):
@@ -97,6 +98,7 @@ class KeepLoRA(Method):
         layers = lora_layers(self._model)
         if not layers:
             raise ConfigError("method.name: keeplora needs LoRA layers; set model.tuning: lora")
+        self._a = [_factors(layer)[0] for layer in layers.values()]  # the step's hook, without a model walk
         for name, layer in layers.items():
             self.basis[name] = principal_rows(layer.get_base_layer().weight.detach(), self.options.weight_energy).cpu()
             self.scaling[name] = _factors(layer)[2]
@@ -109,18 +111,14 @@ class KeepLoRA(Method):
         picked = [samples[int(i)] for i in torch.linspace(0, len(samples) - 1, n).round().long().unique().tolist()]
         layers = lora_layers(model)
         weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
-        held = [p for p in model.parameters() if p.requires_grad]
-        for p in held:
-            p.requires_grad_(False)
         for w in weights.values():
-            w.requires_grad_(True)
             w.grad = None
         was_training = model.training
         model.eval()  # no dropout: the gradient of the weights as they are
         size = ctx.config.train.batch_size if ctx.config is not None else 8
         batches = 0
         totals = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
-        try:
+        with only_trainable(model, list(weights.values())):
             for i in range(0, len(picked), size):
                 batch = {k: v.to(ctx.accelerator.device) for k, v in encoder.train_batch(picked[i : i + size]).items()}
                 model(**batch).loss.backward()
@@ -128,15 +126,8 @@ class KeepLoRA(Method):
                     totals[name] += w.grad.float()
                     w.grad = None
                 batches += 1
-            grads = {name: (t / max(batches, 1)).cpu() for name, t in totals.items()}
-        finally:
-            for w in weights.values():
-                w.grad = None
-                w.requires_grad_(False)
-            for p in held:
-                p.requires_grad_(True)
-            model.train(was_training)
-        return grads
+        model.train(was_training)
+        return {name: (t / max(batches, 1)).cpu() for name, t in totals.items()}
 
     # --- the stream ----------------------------------------------------------------------------------
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
@@ -153,8 +144,8 @@ class KeepLoRA(Method):
                 B.zero_()
 
     def before_step(self, ctx: TaskContext) -> None:
-        for layer in lora_layers(ctx.unwrapped).values():
-            _factors(layer)[0].grad = None  # A is fixed: only B learns
+        for a in self._a:
+            a.grad = None  # A is fixed: only B learns
 
     def after_task(self, task: str, ctx: TaskContext) -> None:
         model = ctx.unwrapped

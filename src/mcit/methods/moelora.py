@@ -23,7 +23,7 @@ from pydantic import Field
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.experts import ExpertBank
-from mcit.utils import stable_hash
+from mcit.utils import stable_seed
 
 
 class MoELoRAOptions(MethodOptions):
@@ -42,7 +42,7 @@ class MoELoRA(Method):
 
     def setup(self, model, ctx: TaskContext) -> None:
         o = self.options
-        seed = int(stable_hash([ctx.seed, "moelora-init"]), 16) % 2**31
+        seed = stable_seed(ctx.seed, "moelora-init")
         self.bank = ExpertBank(ctx.unwrapped, o.experts, o.rank, init=o.init, router=True, seed=seed)
         self.bank.router(o.top_k)
 

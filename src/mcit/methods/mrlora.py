@@ -42,7 +42,8 @@ from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.experts import ExpertBank
 from mcit.methods.routing import RoutingTally
-from mcit.utils import stable_hash
+from mcit.models.tuning import only_trainable
+from mcit.utils import stable_hash, stable_seed
 
 
 class MRLoRAOptions(MethodOptions):
@@ -88,7 +89,7 @@ class MRLoRA(Method):
 
     def setup(self, model, ctx: TaskContext) -> None:
         self.n_tasks = len(ctx.tasks)
-        seed = int(stable_hash([ctx.seed, "mrlora-init"]), 16) % 2**31
+        seed = stable_seed(ctx.seed, "mrlora-init")
         self.bank = ExpertBank(ctx.unwrapped, self.n_tasks + 1, self.options.rank, init=self.options.init, seed=seed)
         self.router = self.n_tasks
         self.bank.use([])
@@ -101,7 +102,6 @@ class MRLoRA(Method):
         for k in range(self.n_tasks + 1):
             if k != e:
                 self.bank.freeze(k)
-        self.bank.frozen.discard(e)
         self.bank.use(e)
 
     def before_step(self, ctx: TaskContext) -> None:
@@ -127,23 +127,16 @@ class MRLoRA(Method):
         optim = cfg.model_copy(update={"lr": cfg.lr * self.options.router_lr_scale, "epochs": self.options.router_epochs,
                                        "projector_lr": None})
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # trained anew each time, seeded
-            torch.manual_seed(int(stable_hash([self._seed, self.done, "mrlora-router-init"]), 16) % 2**31)
+            torch.manual_seed(stable_seed(self._seed, self.done, "mrlora-router-init"))
             for layer in self.bank.layers.values():
                 name = self.bank.names[self.router]
                 layer.reset_lora_parameters(name, True)
         # only the router expert may change: every other parameter is held for the router's stage
-        held = [p for p in ctx.unwrapped.parameters() if p.requires_grad]
-        own = set(map(id, self.bank.expert_parameters(self.router)))
-        for p in held:
-            p.requires_grad_(id(p) in own)
         self.bank.use(self.router)
-        try:
+        with only_trainable(ctx.unwrapped, self.bank.expert_parameters(self.router)):
             stats = train_stage(ctx.model, self.encoder, samples, optim, ctx.accelerator,
-                                int(stable_hash([self._seed, self.done, "mrlora-router"]), 16) % 2**31,
+                                stable_seed(self._seed, self.done, "mrlora-router"),
                                 desc=f"router after task {self.done}", show_progress=False)
-        finally:
-            for p in held:
-                p.requires_grad_(True)
         return stats.steps
 
     def after_task(self, task: str, ctx: TaskContext) -> None:

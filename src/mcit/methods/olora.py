@@ -29,7 +29,7 @@ from pydantic import Field
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.experts import ExpertBank
-from mcit.utils import stable_hash
+from mcit.utils import stable_seed
 
 
 class OLoRAOptions(MethodOptions):
@@ -73,7 +73,7 @@ class OLoRA(Method):
         self.done = 0  # finished tasks: experts 0..done-1 act at inference
 
     def setup(self, model, ctx: TaskContext) -> None:
-        seed = int(stable_hash([ctx.seed, "olora-init"]), 16) % 2**31
+        seed = stable_seed(ctx.seed, "olora-init")
         self.bank = ExpertBank(ctx.unwrapped, len(ctx.tasks), self.options.rank, init=self.options.init, seed=seed)
         self.bank.use([])  # zero-shot row: the start itself
 

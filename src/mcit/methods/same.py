@@ -44,7 +44,7 @@ from pydantic import Field
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.experts import ExpertBank
-from mcit.utils import stable_hash
+from mcit.utils import stable_seed
 
 EMA = 0.95
 
@@ -133,7 +133,7 @@ class SAME(Method):
         o = self.options
         n = len(ctx.tasks)
         base_r = ctx.unwrapped.peft_config["default"].r
-        seed = int(stable_hash([ctx.seed, "same-init"]), 16) % 2**31
+        seed = stable_seed(ctx.seed, "same-init")
         self.bank = ExpertBank(ctx.unwrapped, n, o.rank or max(1, base_r // n), init="normal", router=True,
                                seed=seed, modules=o.modules)
         self.bank.combiner = self.combine

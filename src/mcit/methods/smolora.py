@@ -39,7 +39,7 @@ from mcit.data.format import Sample
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.experts import ExpertBank
-from mcit.utils import stable_hash
+from mcit.utils import stable_seed
 
 
 class SMoLoRAOptions(MethodOptions):
@@ -67,7 +67,7 @@ class SMoLoRA(Method):
         from mcit.similarity import TextEncoder
 
         o = self.options
-        seed = int(stable_hash([ctx.seed, "smolora-init"]), 16) % 2**31
+        seed = stable_seed(ctx.seed, "smolora-init")
         self.bank = ExpertBank(ctx.unwrapped, o.experts, o.rank, init=o.init, seed=seed)
         self.text = TextEncoder()
         dim = self.text.model.config.hidden_size

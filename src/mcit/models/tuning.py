@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from mcit.errors import ConfigError
@@ -66,6 +67,25 @@ def apply_tuning(model, mode: str, lora_cfg=None, train_projector: bool = False)
                     p.requires_grad_(True)
         return model
     raise ConfigError(f"model.tuning: unknown mode {mode!r}; allowed: full, lora, projector")
+
+
+@contextlib.contextmanager
+def only_trainable(model, params):
+    """Within the block only ``params`` require gradients (a side stage: a router, a gradient pass);
+    afterwards every parameter that required them does again."""
+    held = [p for p in model.parameters() if p.requires_grad]
+    keep = set(map(id, params))
+    for p in held:
+        p.requires_grad_(id(p) in keep)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        for p in held:
+            p.requires_grad_(True)
 
 
 def trainable_state(model) -> dict:
