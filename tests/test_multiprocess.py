@@ -12,16 +12,18 @@ from safetensors.torch import load_file
 from tests.conftest import SMOKE
 
 
-@pytest.mark.parametrize("method", ["seqft", "ewc", "mrlora"])
+@pytest.mark.parametrize("method", ["seqft", "ewc", "mrlora", "seqft+accum"])
 def test_two_processes_match_one(smoke_cfg, smoke_run, tmp_path, method):
     """Same matrix, and the same weights up to the order of floating-point sums: gloo's
     all-reduce adds the two halves' gradients, one process adds all 16 samples' at once, and
     the importance passes are split between the ranks and summed (measured: <= 1.2e-5 apart
-    after 30 steps; the tolerance is 1e-4)."""
+    after 30 steps; the tolerance is 1e-4). ``seqft+accum``: two micro-batches per step, the first
+    under ``no_sync`` with two processes (one all-reduce per step)."""
     from mcit.runner import run
 
     cache = smoke_cfg().cache_dir
-    overrides = [f"method.name={method}", "threads=1", f"cache_dir={cache}"]
+    method, _, accum = method.partition("+")
+    overrides = [f"method.name={method}", "threads=1", f"cache_dir={cache}"] + (["train.grad_accum=2"] if accum else [])
     if method == "mrlora":  # LoRA experts: frozen experts' gradients dropped, a router stage inside after_task
         overrides += ["model.tuning=lora", "method.router_epochs=2"]
     one = run(smoke_cfg(*overrides), tmp_path / "one", show_progress=False)

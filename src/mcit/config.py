@@ -197,6 +197,10 @@ class RunConfig(Strict):
     eval: EvalConfig = EvalConfig()
     method: dict[str, Any] = {"name": "seqft"}
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16: training forwards and generation under bf16 autocast (weights, gradients, optimizer
+    # state and the methods' gradient edits stay float32). fp16 is not offered: its loss scaling
+    # would hand the gradient-editing methods scaled gradients.
+    mixed_precision: Literal["no", "bf16"] = "no"
     cache_dir: Path | None = None  # default: $MCIT_CACHE or ~/.cache/mcit
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default
     # accelerate trackers: "auto" = TensorBoard when installed; or any of tensorboard, wandb, mlflow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +22,20 @@ class TaskEval:
 
 
 @torch.no_grad()
-def generate(model, encoder, samples: list[Sample], batch_size: int, max_new_tokens: int, device, method=None, ctx=None) -> list[str]:
+def generate(model, encoder, samples: list[Sample], batch_size: int, max_new_tokens: int, device, method=None, ctx=None,
+             sort_by_length: bool = True) -> list[str]:
+    """Greedy answers for ``samples``, in their order. Batches are formed from samples sorted by
+    prompt length (stable), so that a batch pads its prompts little; each sample's answer does not
+    depend on the batch it lands in (left padding is masked), which a test checks."""
     tokenizer = encoder.tokenizer
     model.eval()
-    predictions: list[str] = []
+    order = list(range(len(samples)))
+    if sort_by_length:
+        order.sort(key=lambda i: len(encoder.prompt_ids(samples[i])))
+    predictions: list[str] = [""] * len(samples)
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
+        rows = order[start : start + batch_size]
+        chunk = [samples[i] for i in rows]
         batch = {k: v.to(device) for k, v in encoder.generation_batch(chunk).items()}
         if method is not None:
             if ctx is not None:
@@ -42,7 +51,8 @@ def generate(model, encoder, samples: list[Sample], batch_size: int, max_new_tok
             eos_token_id=tokenizer.eos_token_id,
         )
         new_tokens = out[:, batch["input_ids"].shape[1] :]
-        predictions.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+            predictions[i] = text.strip()
     return predictions
 
 
@@ -54,13 +64,14 @@ def evaluate_task(model, encoder, spec: TaskSpec, samples: list[Sample], eval_cf
 
     max_new = spec.max_new_tokens or eval_cfg.max_new_tokens
     world = accelerator.num_processes if accelerator is not None else 1
+    with nullcontext() if accelerator is None else accelerator.autocast():
+        share = samples if world == 1 else samples[accelerator.process_index :: world]
+        local = generate(model, encoder, share, eval_cfg.batch_size, max_new, device, method, ctx)
     if world == 1:
-        preds = generate(model, encoder, samples, eval_cfg.batch_size, max_new, device, method, ctx)
+        preds = local
     else:
         from accelerate.utils import gather_object
 
-        rank = accelerator.process_index
-        local = generate(model, encoder, samples[rank::world], eval_cfg.batch_size, max_new, device, method, ctx)
         flat = gather_object(local)  # rank 0's predictions, then rank 1's, ...
         preds, start = [""] * len(samples), 0
         for r in range(world):

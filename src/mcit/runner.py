@@ -159,7 +159,7 @@ def make_accelerator(cfg: RunConfig, tracking_dir: Path | None = None):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     trackers = resolve_trackers(cfg.trackers) if tracking_dir is not None else []
     accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
-                              kwargs_handlers=[ddp], log_with=trackers or None,
+                              mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], log_with=trackers or None,
                               project_dir=str(tracking_dir) if trackers else None)
     check_engine(accelerator)
     return accelerator

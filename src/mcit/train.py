@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,23 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], optim) -> list[dic
     return [g for g in ({"params": rest}, {"params": slow, "lr": projector}) if g["params"]]
 
 
+def autocast(device, mixed_precision: str):
+    """bf16 autocast on ``device`` when ``mixed_precision`` is ``bf16`` (weights, gradients and
+    optimizer state stay float32); a no-op for ``no``."""
+    if mixed_precision == "no":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def check_losses(losses: list[float], first_step: int, desc: str) -> None:
+    """Raise on the first non-finite loss of steps ``first_step, first_step + 1, ...``."""
+    for i, value in enumerate(losses):
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"{desc}: non-finite loss ({value}) at step {first_step + i}; lower the learning rate or check the data"
+            )
+
+
 @dataclass
 class StageStats:
     steps: int = 0
@@ -75,14 +93,27 @@ class StageStats:
     losses: list[float] = field(default_factory=list)
 
 
+# Losses stay on the device between read-backs (a read is a host sync on a GPU): every this
+# many steps, at a tracker's logging step and at the end of a stage.
+READ_EVERY = 10
+
+
 class SingleProcess:
     """The parts of an Accelerator the trainer uses, for work one process does alone (the tiny
     base model, built by the main process while the others wait)."""
 
     num_processes, process_index, is_main_process = 1, 0, True
 
-    def __init__(self, device):
+    def __init__(self, device, mixed_precision: str = "no"):
         self.device = torch.device(device)
+        self.mixed_precision = mixed_precision
+
+    def autocast(self):
+        return autocast(self.device, self.mixed_precision)
+
+    @staticmethod
+    def no_sync(model):
+        return nullcontext()
 
     @staticmethod
     def backward(loss):
@@ -122,41 +153,47 @@ class StageTrainer:
         self.done = 0
 
     def run_steps(self, n: int) -> list[float]:
-        """``n`` steps in training mode; their losses."""
+        """``n`` steps in training mode; their losses (read back once, at the end)."""
         self.model.train()
-        return [self.step() for _ in range(n)]
+        first = self.done + 1
+        losses = torch.stack([self.step() for _ in range(n)]).tolist() if n else []
+        check_losses(losses, first, self.desc)
+        return losses
 
-    def step(self) -> float:
-        """One optimiser step (with gradient accumulation); returns the mean loss."""
+    def step(self) -> torch.Tensor:
+        """One optimiser step (with gradient accumulation); returns the mean loss as a detached
+        0-dim tensor on the device, so that no step waits for the device to finish (read it back
+        with ``.item()`` when it is needed; :func:`check_losses` names a non-finite one).
+
+        With several processes, gradients are all-reduced once per step: the micro-batches before
+        the last run under ``no_sync``."""
         optim, method, ctx = self.optim, self.method, self.ctx
         global_batch = next(self.batches)
-        total = 0.0
+        total = torch.zeros((), device=self.accelerator.device)
         for a in range(optim.grad_accum):
             chunk = global_batch[a * self.micro : (a + 1) * self.micro]
             local = [self.samples[i] for i in chunk[self.rank :: self.world]]
             batch = {k: v.to(self.accelerator.device) for k, v in self.encoder.train_batch(local).items()}
             if ctx is not None:
                 ctx.batch_samples = local
-            outputs = self.model(**batch)
-            loss = outputs.loss
-            if self.world > 1:
-                # The loss is a mean over this process's answer tokens and DDP averages gradients over
-                # processes; weighting by the token share makes the step the global token mean, as
-                # with one process on the whole batch.
-                tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
-                total_tokens = self.accelerator.reduce(tokens.clone(), "sum")
-                loss = loss * tokens * self.world / total_tokens.clamp(min=1)
-            if method is not None:
-                extra = method.extra_loss(batch, outputs, ctx)
-                if extra is not None:
-                    loss = loss + extra
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"{self.desc}: non-finite loss ({loss.item()}) at step {self.done + 1}; "
-                    "lower the learning rate or check the data"
-                )
-            self.accelerator.backward(loss / optim.grad_accum)
-            total += loss.item() / optim.grad_accum
+            last = a == optim.grad_accum - 1
+            with nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.model):
+                with self.accelerator.autocast():
+                    outputs = self.model(**batch)
+                loss = outputs.loss
+                if self.world > 1:
+                    # The loss is a mean over this process's answer tokens and DDP averages gradients
+                    # over processes; weighting by the token share makes the step the global token
+                    # mean, as with one process on the whole batch.
+                    tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+                    total_tokens = self.accelerator.reduce(tokens.clone(), "sum")
+                    loss = loss * tokens * self.world / total_tokens.clamp(min=1)
+                if method is not None:
+                    extra = method.extra_loss(batch, outputs, ctx)
+                    if extra is not None:
+                        loss = loss + extra
+                self.accelerator.backward(loss / optim.grad_accum)
+            total += loss.detach().float() / optim.grad_accum
         if method is not None:
             method.before_step(ctx)
         if optim.max_grad_norm:
@@ -195,16 +232,25 @@ def train_stage(
     trainer = StageTrainer(model, encoder, samples, optim, accelerator, seed, method, ctx, weights, steps, desc)
     model.train()
     start = time.perf_counter()
+    every = log[1] if log is not None else READ_EVERY
+    pending: list[torch.Tensor] = []
     with progress_bar(desc, total=steps, enabled=show_progress and accelerator.is_main_process) as bar:
         for _ in range(steps):
             t0 = time.perf_counter()
-            total = trainer.step()
-            if log is not None and trainer.done % log[1] == 0:  # (global step offset, every): to the trackers
-                accelerator.log({"train/loss": total, "train/lr": trainer.scheduler.get_last_lr()[0]},
-                                step=log[0] + trainer.done)
-            stats.losses.append(total)
+            pending.append(trainer.step())
             stats.step_ms.append((time.perf_counter() - t0) * 1000)
-            bar.advance(loss=total)
+            if trainer.done % every and trainer.done < steps:
+                bar.advance()
+                continue
+            # a read-back point: the losses since the last one, checked, shown and logged
+            read = torch.stack(pending).tolist()
+            check_losses(read, trainer.done - len(read) + 1, desc)
+            stats.losses.extend(read)
+            pending = []
+            if log is not None and trainer.done % log[1] == 0:  # (global step offset, every): to the trackers
+                accelerator.log({"train/loss": read[-1], "train/lr": trainer.scheduler.get_last_lr()[0]},
+                                step=log[0] + trainer.done)
+            bar.advance(loss=read[-1])
     stats.steps = steps
     stats.seconds = time.perf_counter() - start
     model.eval()
