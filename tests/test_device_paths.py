@@ -157,3 +157,78 @@ def test_length_sorted_batches_give_the_per_sample_answers(smoke_cfg):
     batched = generate(model, enc, samples, batch_size=8, max_new_tokens=12, device="cpu")
     assert batched == one_by_one
     assert len(set(batched)) >= 5  # real, varied answers, not one string repeated
+
+
+def _shipped_start_with_lora():
+    from mcit.config import LoraConfig
+    from mcit.models.encode import Encoder
+    from mcit.models.load import load_pretrained
+    from mcit.models.start import read_manifest, resolve_start
+    from mcit.models.tuning import apply_tuning
+
+    path = resolve_start("synth")
+    model, processor = load_pretrained(path)
+    manifest = read_manifest(path)
+    torch.manual_seed(0)
+    model = apply_tuning(model, "lora", LoraConfig(r=8, alpha=16), train_projector=False)
+    with torch.no_grad():  # a LoRA that has learnt something: B no longer zero
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    return model, Encoder(processor, manifest["prompt_template"], manifest["max_length"])
+
+
+def test_merged_lora_evaluation_answers_alike_and_restores_the_weights(smoke_cfg):
+    from mcit.evaluate import generate
+    from mcit.models.tuning import merged_lora
+    from mcit.runner import prepare_benchmark
+
+    cfg = smoke_cfg()
+    bench = prepare_benchmark(cfg, cfg.cache_dir, show_progress=False)
+    samples = [s for t in ("caption", "color", "count", "ocr") for s in bench.task(t).load("test", bench.image_root)[:6]]
+    model, enc = _shipped_start_with_lora()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain = generate(model, enc, samples, batch_size=8, max_new_tokens=12, device="cpu")
+    with merged_lora(model) as merged:
+        assert merged
+        inside = generate(model, enc, samples, batch_size=8, max_new_tokens=12, device="cpu")
+        name = next(n for n in before if n.endswith("base_layer.weight"))
+        assert not torch.equal(dict(model.named_parameters())[name], before[name])  # folded in
+    assert inside == plain and len(set(plain)) >= 5
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # bit for bit
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(m.disable_adapters for m in model.modules() if isinstance(m, LoraLayer))
+    assert generate(model, enc, samples[:4], batch_size=4, max_new_tokens=12, device="cpu") == plain[:4]
+
+
+def test_merged_lora_leaves_expert_banks_alone(tmp_path):
+    from mcit.config import LoraConfig
+    from mcit.methods.experts import ExpertBank
+    from mcit.models.tuning import apply_tuning, merged_lora
+    from tests.conftest import make_tiny
+
+    model, _, _, _ = make_tiny(tmp_path)
+    model = apply_tuning(model, "lora", LoraConfig(r=2), train_projector=False)
+    ExpertBank(model, 2, rank=2, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with merged_lora(model) as merged:
+        assert not merged
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_merge_lora_in_a_run_changes_no_result(smoke_cfg, tmp_path):
+    """``eval.merge_lora``: every row evaluated merged, and training goes on from the exact weights
+    (the last stage's trainable state is bit-identical to a run without it)."""
+    from safetensors.torch import load_file
+
+    from mcit.runner import run
+
+    lora = ("model.tuning=lora", "benchmark.tasks=[color,count]", "benchmark.general=[]", "html_report=false")
+    plain = run(smoke_cfg(*lora), tmp_path / "plain", show_progress=False)
+    merged = run(smoke_cfg(*lora, "eval.merge_lora=true"), tmp_path / "merged", show_progress=False)
+    assert merged["matrix"] == plain["matrix"]
+    ckpt = "checkpoints/stage_02_count/trainable.safetensors"
+    a, b = load_file(str(tmp_path / "plain" / ckpt)), load_file(str(tmp_path / "merged" / ckpt))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -265,29 +265,8 @@ def data_list():
             out.print(f"    --option {key}=...  {o.help} (default {o.default!r})", highlight=False)
 
 
-@bench_app.command("overhead")
-def bench_overhead(
-    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated; the first is the baseline")] = "seqft,replay,ewc,mas,lwf",
-    config: Annotated[Path, typer.Option("--config", help="Run config giving model, data and train settings")] = Path("configs/synth/seqft.yaml"),
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key (repeatable)")] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per method")] = 100,
-    chunk: Annotated[int, typer.Option("--chunk", min=1, help="Steps per method before switching to the next")] = 5,
-    out_json: Annotated[Path, typer.Option("--out", help="JSON file to write")] = Path("bench_overhead.json"),
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
-):
-    """Median training-step time of each method against the first (seqft), interleaved."""
-    from mcit.bench import overhead
-    from mcit.config import load_config
-    from mcit.utils import atomic_write_json
-
-    if not config.is_file():
-        raise McitError(f"--config: {config} does not exist")
-    cfg = load_config(config, set_ or [])
-    _quiet_libraries()
-    names = [m.strip() for m in methods_.split(",") if m.strip()]
-    report = overhead(cfg, names, steps=steps, chunk=chunk, show_progress=not quiet)
-    table = Table(title=f"step time vs {report['baseline']} ({report['steps']} interleaved steps each, "
-                        f"batch {report['batch_size']}, {report['environment'].get('device')})")
+def _step_table(report: dict, title: str) -> None:
+    table = Table(title=title)
     for col in ("method", "ms/step", "ratio", "IQR ms", "one-off s", "% of task", "state MB", "trainable M", "CUDA MB"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in report["rows"]:
@@ -297,6 +276,76 @@ def bench_overhead(
                       f"{r['trainable_params'] / 1e6:.3f}",
                       "n/a" if r["cuda_peak_mb"] is None else f"{r['cuda_peak_mb']:.0f}")
     (out if out.is_terminal else Console(width=max(out.width, 250))).print(table)  # a pipe: never cut a number
+
+
+def _bench_config(config: Path, set_: list[str] | None):
+    from mcit.config import load_config
+
+    if not config.is_file():
+        raise McitError(f"--config: {config} does not exist")
+    cfg = load_config(config, set_ or [])
+    _quiet_libraries()
+    return cfg
+
+
+_BENCH_CONFIG = typer.Option("--config", help="Run config giving model, data and train settings")
+_BENCH_SET = typer.Option("--set", help="Override a config key (repeatable)")
+_BENCH_STEPS = typer.Option("--steps", min=1, help="Timed steps per method")
+_BENCH_CHUNK = typer.Option("--chunk", min=1, help="Steps per method before switching to the next")
+_BENCH_QUIET = typer.Option("--quiet", help="No progress bars")
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated; the first is the baseline")] = "seqft,replay,ewc,mas,lwf",
+    config: Annotated[Path, _BENCH_CONFIG] = Path("configs/synth/seqft.yaml"),
+    set_: Annotated[list[str] | None, _BENCH_SET] = None,
+    steps: Annotated[int, _BENCH_STEPS] = 100,
+    chunk: Annotated[int, _BENCH_CHUNK] = 5,
+    out_json: Annotated[Path, typer.Option("--out", help="JSON file to write")] = Path("bench_overhead.json"),
+    quiet: Annotated[bool, _BENCH_QUIET] = False,
+):
+    """Median training-step time of each method against the first (seqft), interleaved."""
+    from mcit.bench import overhead
+    from mcit.utils import atomic_write_json
+
+    cfg = _bench_config(config, set_)
+    names = [m.strip() for m in methods_.split(",") if m.strip()]
+    report = overhead(cfg, names, steps=steps, chunk=chunk, show_progress=not quiet)
+    _step_table(report, f"step time vs {report['baseline']} ({report['steps']} interleaved steps each, "
+                        f"batch {report['batch_size']}, {report['environment'].get('device')})")
+    atomic_write_json(out_json, report)
+    out.print(f"wrote {out_json}")
+
+
+@bench_app.command("framework")
+def bench_framework(
+    methods_: Annotated[str, typer.Option("--methods", help="Comma-separated mcit methods beside seqft")] = "replay,ewc,dgg",
+    config: Annotated[Path, _BENCH_CONFIG] = Path("configs/synth/seqft.yaml"),
+    set_: Annotated[list[str] | None, _BENCH_SET] = None,
+    steps: Annotated[int, _BENCH_STEPS] = 100,
+    chunk: Annotated[int, _BENCH_CHUNK] = 5,
+    eval_samples: Annotated[int, typer.Option("--eval-samples", min=1, help="Test samples of task 2 to generate for")] = 64,
+    eval_rounds: Annotated[int, typer.Option("--eval-rounds", min=1, help="Timed passes of each evaluator")] = 3,
+    out_json: Annotated[Path, typer.Option("--out", help="JSON file to write")] = Path("bench_framework.json"),
+    quiet: Annotated[bool, _BENCH_QUIET] = False,
+):
+    """mcit against a bare PyTorch + PEFT loop (same batches, interleaved), and batched evaluation
+    against per-sample generation (same predictions)."""
+    from mcit.bench import framework
+    from mcit.utils import atomic_write_json
+
+    cfg = _bench_config(config, set_)
+    names = [m.strip() for m in methods_.split(",") if m.strip()]
+    report = framework(cfg, names, steps=steps, chunk=chunk, eval_samples=eval_samples, eval_rounds=eval_rounds,
+                       show_progress=not quiet)
+    _step_table(report, f"step time vs a bare PyTorch loop ({report['steps']} interleaved steps each, "
+                        f"batch {report['batch_size']}, {report['environment'].get('device')})")
+    ev = report["evaluation"]
+    out.print(f"evaluation of {ev['task']} ({ev['samples']} samples, {ev['rounds']} rounds): per-sample "
+              f"{ev['samples_per_s']['per_sample']:.1f} samples/s, batched (batch {ev['batch_size']}) "
+              f"{ev['samples_per_s']['batched']:.1f} samples/s: {ev['speedup']:.2f}x, "
+              f"{ev['identical_predictions']}/{ev['samples']} predictions identical", highlight=False)
     atomic_write_json(out_json, report)
     out.print(f"wrote {out_json}")
 

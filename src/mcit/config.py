@@ -185,6 +185,9 @@ class BaseTrainingConfig(OptimConfig):
 class EvalConfig(Strict):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(24, ge=1)  # a task's own max_new_tokens, if set, wins
+    # evaluate with a plain LoRA folded into the weights (restored exactly after each row): fewer
+    # matmuls per layer; predictions may differ from the unmerged model's in the last float bits
+    merge_lora: bool = False
 
 
 class RunConfig(Strict):

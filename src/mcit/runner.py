@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import shutil
@@ -27,7 +28,7 @@ from mcit.methods import TaskContext, get_method
 from mcit.metrics import prediction_spread
 from mcit.models.encode import Encoder, num_image_tokens
 from mcit.models.load import prompt_template, starting_model, text_budget
-from mcit.models.tuning import apply_tuning, load_trainable_state, trainable_state
+from mcit.models.tuning import apply_tuning, load_trainable_state, merged_lora, trainable_state
 from mcit.progress import console
 from mcit.train import train_stage
 from mcit.utils import (
@@ -344,12 +345,13 @@ class Run:
         evals = []
         t0 = time.perf_counter()
         model = self.accelerator.unwrap_model(self.model)  # generation runs on the bare model
-        for name in [*self.tasks, *self.general]:
-            ctx.extras["eval_task"] = name  # methods that route per sample score their routing against it
-            evals.append(
-                evaluate_task(model, self.encoder, self.bench.task(name), self.test[name], self.cfg.eval,
-                              self.accelerator.device, method, ctx, accelerator=self.accelerator)
-            )
+        with merged_lora(model) if self.cfg.eval.merge_lora else contextlib.nullcontext():
+            for name in [*self.tasks, *self.general]:
+                ctx.extras["eval_task"] = name  # methods that route per sample score their routing against it
+                evals.append(
+                    evaluate_task(model, self.encoder, self.bench.task(name), self.test[name], self.cfg.eval,
+                                  self.accelerator.device, method, ctx, accelerator=self.accelerator)
+                )
         seconds = time.perf_counter() - t0
         if self.show:
             cells = "  ".join(f"{e.task} {e.headline:.1f}" for e in evals[: len(self.tasks)])

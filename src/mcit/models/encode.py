@@ -47,9 +47,23 @@ class Encoder:
         self.n_image_tokens = num_image_tokens(self.processor)
         self._images: OrderedDict = OrderedDict()
         self._ids: OrderedDict = OrderedDict()  # (question, answer, prefix_tokens) -> train_ids, LRU
+        self._prompts: OrderedDict = OrderedDict()  # (question, prefix_tokens) -> prompt ids, LRU
 
     # --- text ---------------------------------------------------------------------------
     def prompt_ids(self, sample: Sample) -> list[int]:
+        """The prompt's ids (memoised: evaluation sorts by their length, then encodes them)."""
+        key = (sample.question, self.prefix_tokens)
+        hit = self._prompts.get(key)
+        if hit is not None:
+            self._prompts.move_to_end(key)
+            return hit
+        ids = self._prompt_ids(sample)
+        self._prompts[key] = ids
+        if len(self._prompts) > self.image_cache_size:
+            self._prompts.popitem(last=False)
+        return ids
+
+    def _prompt_ids(self, sample: Sample) -> list[int]:
         if self.image_token in self.prompt_template:  # a chat template places the image itself
             prompt = self.prompt_template.format(question=sample.question)
         else:

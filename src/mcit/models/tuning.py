@@ -107,3 +107,34 @@ def load_trainable_state(model, tensors: dict) -> None:
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+@contextlib.contextmanager
+def merged_lora(model):
+    """Inference with each LoRA update folded into its base weight (one matmul per layer instead of
+    three), the weights restored bit for bit afterwards; yields whether it merged. It merges only a
+    plain single-adapter LoRA (PEFT's ``default``, enabled): expert banks with several adapters or
+    their own forward hooks are left as they are (yields False)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    plain = layers and all(set(m.lora_A) == {"default"} and m.active_adapters == ["default"]
+                           and not m.disable_adapters and not m.merged for m in layers)
+    if not plain:
+        yield False
+        return
+    saved = []
+    try:
+        with torch.no_grad():
+            for m in layers:
+                weight = m.get_base_layer().weight
+                saved.append((m, weight, weight.detach().clone()))
+                weight += m.get_delta_weight("default").to(weight.dtype)
+                m._disable_adapters = True  # the base layer alone now computes W + BA·scaling
+        yield True
+    finally:
+        with torch.no_grad():
+            for m, weight, original in saved:
+                weight.copy_(original)
+                m._disable_adapters = False
