@@ -71,7 +71,11 @@ def test_eproj_routes_learns_and_resumes(smoke_cfg, tmp_path, monkeypatch):
     from mcit.methods.eproj import EProj
 
     cfg = smoke_cfg("method.name=eproj", "method.key_samples=32", "method.key_steps=20")
+    seen, route = [], EProj.route
+    monkeypatch.setattr(EProj, "route", lambda self, batch, ctx: seen.append(ctx.oracle_task) or route(self, batch, ctx))
     whole = run(cfg, tmp_path / "whole", show_progress=False)
+    assert seen and set(seen) == {None}  # the task under evaluation never reaches a task-agnostic method
+    monkeypatch.setattr(EProj, "route", route)
     report = whole["method_report"]
     assert report["experts_created"] == 3 and report["expert_of_task"] == {"color": 0, "count": 1, "ocr": 2}
     acc = report["routing_accuracy"]

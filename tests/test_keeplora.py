@@ -45,7 +45,7 @@ def test_before_a_task_a_reads_only_the_residual_and_only_b_learns(tmp_path):
             batch_size = 2
 
     ctx = TaskContext(model, _NoAccelerator(), Cfg(), ["a"], {"a": samples * 5}, seed=5)
-    ctx.extras["encoder"] = enc
+    ctx.encoder = enc
     method = _method("keeplora", weight_energy=0.6)
     method.setup(model, ctx)
     method.before_task("a", samples, ctx)

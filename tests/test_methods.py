@@ -30,7 +30,7 @@ def _tiny_ctx(tmp_path, train=None, text_layers=1):
     model, processor, enc, samples = make_tiny(tmp_path, text_layers)
     model = apply_tuning(model, "full")
     ctx = TaskContext(model, _NoAccelerator(), None, ["a"], train or {"a": samples}, seed=7)
-    ctx.extras["encoder"] = enc
+    ctx.encoder = enc
     return model, processor, enc, samples, ctx
 
 

@@ -16,7 +16,7 @@ def _modal(tmp_path):
     model, _, enc, samples = make_tiny(tmp_path)
     model = apply_tuning(model, "projector")
     ctx = TaskContext(model, _NoAccelerator(), None, ["a", "b", "c"], {t: samples for t in "abc"}, seed=3)
-    ctx.extras["encoder"] = enc
+    ctx.encoder = enc
     method = _method("modalprompt", length=2)
     method.setup(model, ctx)
     return method, model, enc, samples, ctx

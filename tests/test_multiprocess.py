@@ -38,6 +38,9 @@ def test_two_processes_match_one(smoke_cfg, smoke_run, tmp_path, method):
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["environment"]["processes"] == 2 and one["environment"]["processes"] == 1
     assert two["matrix"] == one["matrix"]
+    # routing is scored over every test sample, gathered from both processes
+    assert two["method_report"].get("routing_accuracy") == one["method_report"].get("routing_accuracy")
+    assert method != "mrlora" or set(one["method_report"]["routing_accuracy"]) == {"1", "2", "3"}
     ckpt = "checkpoints/stage_03_ocr"
     a, b = load_file(str(tmp_path / "one" / ckpt / "trainable.safetensors")), load_file(str(tmp_path / "two" / ckpt / "trainable.safetensors"))
     assert a.keys() == b.keys()

@@ -27,7 +27,7 @@ def _lora_ctx(tmp_path):
     model, _, enc, samples = make_tiny(tmp_path)
     model = apply_tuning(model, "lora", LoraConfig(r=2, alpha=4, dropout=0.0))
     ctx = TaskContext(model, _NoAccelerator(), None, ["a", "b"], {"a": samples, "b": samples}, seed=5)
-    ctx.extras["encoder"] = enc
+    ctx.encoder = enc
     method = _method("reglora", ratio=0.25)
     method.setup(model, ctx)
     return method, model, enc, samples, ctx

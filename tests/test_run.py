@@ -141,7 +141,9 @@ def test_trackers_log_losses_rows_and_metrics(smoke_cfg, tmp_path, monkeypatch):
         def log(self, values, step=None, **kwargs):
             logged.append((step, dict(values)))
 
-    monkeypatch.setattr(runner, "resolve_trackers", lambda names: [Capture()])
+    import mcit.assembly as assembly
+
+    monkeypatch.setattr(assembly, "resolve_trackers", lambda names: [Capture()])
     res = runner.run(smoke_cfg("log_every=5"), tmp_path / "run", show_progress=False)
     assert configs and configs[0]["method/name"] == "seqft" and configs[0]["train/steps"] == 10
     losses = [(s, v) for s, v in logged if "train/loss" in v]

@@ -31,7 +31,7 @@ def test_similarity_is_the_product_of_sigmoid_zscored_cosines():
 
 def test_embedded_benchmark_ranks_related_tasks_above_unrelated(smoke_cfg, smoke_run, monkeypatch):
     from mcit import similarity
-    from mcit.runner import stream_similarity
+    from mcit.similarity import stream_similarity
 
     cfg = smoke_cfg("benchmark.tasks=[caption,color,count,spatial]")
     tasks, s = stream_similarity(cfg, samples=64, show_progress=False)

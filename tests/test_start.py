@@ -99,7 +99,7 @@ def test_base_build_makes_a_loadable_deterministic_start(cache_dir, tmp_path, mo
 
 
 def test_base_build_refuses_a_config_that_is_not_a_build(tmp_path):
-    from mcit.models.start import build_start
+    from mcit.models.build import build_start
 
     with pytest.raises(ConfigError, match="model.kind: a start is built from model.tiny"):
         build_start(load_config(SYNTH_CONFIGS / "seqft.yaml"), tmp_path / "x", "test")

@@ -151,3 +151,16 @@ def test_report_markdown_tables():
     assert "General: start 50.00, final 45.00, change -5.00, lowest 40.00." in text
     assert "Training 1.0s over 4 steps (median 3.0 ms/step), evaluation 2.0s; peak RSS 5.0 MB; " \
            "trainable parameters 1,000 of 20,000." in text
+
+
+def test_methods_own_their_stage_plan():
+    from mcit.runner import build_method
+
+    seq, zero = build_method({"name": "seqft"}), build_method({"name": "zeroshot"})
+    joint = build_method({"name": "joint", "steps_factor": 0.5})
+    assert seq.stages(["a", "b"]) == [("a", ["a"]), ("b", ["b"])]
+    assert joint.stages(["a", "b"]) == [("joint", ["a", "b"])] and zero.stages(["a", "b"]) == []
+    assert seq.stage_steps(100, 1, OptimConfig(steps=40)) == 40
+    assert seq.stage_steps(100, 1, OptimConfig(epochs=1, batch_size=32)) == 4  # ceil(100 / 32)
+    assert joint.stage_steps(200, 2, OptimConfig(steps=40)) == 40  # 0.5 x 40 per task x 2 tasks
+    assert joint.stage_steps(200, 2, OptimConfig(epochs=1, batch_size=10)) == 10  # epochs span both tasks already

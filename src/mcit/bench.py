@@ -81,7 +81,7 @@ def _check_methods(methods: list[str]) -> None:
         classes = {m: get_method(m) for m in methods}
     except ConfigError as e:  # name the option the user gave, not the config key
         raise ConfigError(f"--methods: {str(e).removeprefix('method.name: ')}") from None
-    bad = [m for m, c in classes.items() if c.schedule != "sequential"]
+    bad = [m for m, c in classes.items() if c.walk != "sequential"]
     if bad:
         raise ConfigError(f"--methods: {bad} do not train task by task; the benchmark times sequential methods")
 
@@ -90,7 +90,7 @@ class _Setup:
     """What every lane shares: the benchmark, the stream's first two tasks, their training data."""
 
     def __init__(self, cfg, show_progress: bool):
-        from mcit.runner import load_split, make_accelerator, prepare_benchmark, stream_tasks
+        from mcit.assembly import load_split, make_accelerator, prepare_benchmark, stream_tasks
         from mcit.utils import default_cache_dir
 
         if cfg.threads:
@@ -108,7 +108,7 @@ class _Setup:
         self.built = 0
 
     def model(self):
-        from mcit.runner import prepare_model
+        from mcit.assembly import prepare_model
 
         self.built += 1
         return prepare_model(self.cfg, self.bench, self.cache_dir, self.accelerator, self.train, self.tasks,
@@ -116,7 +116,7 @@ class _Setup:
 
     def method_lane(self, name: str, warm_steps: int, chunk: int) -> _Lane:
         """A method brought to task 2 of the stream, its trainer warmed by ``chunk`` steps."""
-        from mcit.runner import begin_stage, build_method, end_stage
+        from mcit.assembly import begin_stage, build_method, end_stage
         from mcit.train import StageTrainer
 
         cfg, accelerator = self.cfg, self.accelerator
@@ -276,9 +276,10 @@ def _time_evaluation(model, encoder, samples, batch_size: int, max_new: int, dev
 
 
 def framework(cfg, methods: list[str], steps: int = 100, chunk: int = 5, warm_steps: int = 10,
-              eval_samples: int = 64, eval_rounds: int = 3, show_progress: bool = True) -> dict:
+              eval_samples: int = 64, eval_rounds: int = 3, eval_task: str | None = None,
+              show_progress: bool = True) -> dict:
     """The bare loop, then mcit's seqft and ``methods``, interleaved (ratios to the bare loop);
-    then one task's evaluation per sample against batched."""
+    then one task's evaluation (default: the stream's second) per sample against batched."""
     from mcit.errors import McitError
     from mcit.utils import environment_info
 
@@ -291,11 +292,15 @@ def framework(cfg, methods: list[str], steps: int = 100, chunk: int = 5, warm_st
     timed = _interleave(lanes, steps, chunk, setup.device, show_progress)
 
     seqft = lanes[1]
-    spec = setup.bench.task(setup.second)
+    eval_task = eval_task or setup.second
+    if eval_task not in setup.bench.tasks:
+        raise ConfigError(f"--eval-task: benchmark {setup.bench.name!r} has no task {eval_task!r}; "
+                          f"available: {', '.join(setup.bench.tasks)}")
+    spec = setup.bench.task(eval_task)
     test = spec.load("test", setup.bench.image_root)[: min(eval_samples, cfg.benchmark.max_test or eval_samples)]
     evaluation = _time_evaluation(seqft.ctx.unwrapped, seqft.trainer.encoder, test, cfg.eval.batch_size,
                                   spec.max_new_tokens or cfg.eval.max_new_tokens, setup.device, eval_rounds)
-    evaluation["task"] = setup.second
+    evaluation["task"] = eval_task
     if not evaluation["all_identical"]:
         raise McitError(f"bench framework: batched evaluation changed {evaluation['samples'] - evaluation['identical_predictions']} "
                         f"of {evaluation['samples']} predictions against per-sample generation")

@@ -98,7 +98,7 @@ def methods():
               "2 epochs per task, general tasks describe and box held out.", highlight=False)
     catalog = load_catalog()
     for name, entry in catalog.items():
-        out.print(f"[bold]{name}[/]  ({entry['schedule']})  {entry['summary']}")
+        out.print(f"[bold]{name}[/]  ({entry['walk']})  {entry['summary']}")
         if entry["paper"]:
             out.print(f"    paper: {entry['paper']}")
         shipped = sorted(p.name for p in configs.glob("*.yaml")
@@ -123,7 +123,7 @@ def base_build(
 
     cfg = load_config(config, set_ or [])
     _quiet_libraries()
-    from mcit.models.start import build_start
+    from mcit.models.build import build_start
 
     command = " ".join(["mcit base build", str(config), "--out", str(out_dir), *(f"--set {o}" for o in set_ or [])])
     manifest = build_start(cfg, out_dir, command, show_progress=not quiet)
@@ -327,6 +327,8 @@ def bench_framework(
     chunk: Annotated[int, _BENCH_CHUNK] = 5,
     eval_samples: Annotated[int, typer.Option("--eval-samples", min=1, help="Test samples of task 2 to generate for")] = 64,
     eval_rounds: Annotated[int, typer.Option("--eval-rounds", min=1, help="Timed passes of each evaluator")] = 3,
+    eval_task: Annotated[str | None, typer.Option("--eval-task", help="Task whose test samples are answered "
+                                                                      "(default: the stream's second)")] = None,
     out_json: Annotated[Path, typer.Option("--out", help="JSON file to write")] = Path("bench_framework.json"),
     quiet: Annotated[bool, _BENCH_QUIET] = False,
 ):
@@ -338,7 +340,7 @@ def bench_framework(
     cfg = _bench_config(config, set_)
     names = [m.strip() for m in methods_.split(",") if m.strip()]
     report = framework(cfg, names, steps=steps, chunk=chunk, eval_samples=eval_samples, eval_rounds=eval_rounds,
-                       show_progress=not quiet)
+                       eval_task=eval_task, show_progress=not quiet)
     _step_table(report, f"step time vs a bare PyTorch loop ({report['steps']} interleaved steps each, "
                         f"batch {report['batch_size']}, {report['environment'].get('device')})")
     ev = report["evaluation"]
@@ -363,7 +365,7 @@ def similarity(
 
     cfg = load_config(config, set_ or [])
     _quiet_libraries()
-    from mcit.runner import stream_similarity
+    from mcit.similarity import stream_similarity
 
     tasks, matrix = stream_similarity(cfg, samples)
     table = Table(title=f"task similarity, {len(tasks)} tasks, {samples} samples each (row vs column)")

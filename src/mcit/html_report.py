@@ -19,7 +19,17 @@ import statistics
 from pathlib import Path
 
 from mcit.flips import CATEGORIES, run_rows, task_flips
-from mcit.report import GENERAL, METRICS, compare, compare_cells, display_cells, load_results
+from mcit.report import (
+    GENERAL,
+    METRICS,
+    compare,
+    compare_cells,
+    display_cells,
+    heatmap_png,
+    load_results,
+    report_markdown,
+)
+from mcit.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 FLIPS_SHOWN = 12  # samples per category and task in the browser (the largest changes)
 THUMB = 64  # thumbnail side in pixels
@@ -297,3 +307,11 @@ def report_html(run_dirs: list[Path], by: str | None = None) -> str:
 
 
 __all__ = ["paired_differences", "report_html"]
+
+
+def write_run_report(out: Path, results: dict, html: bool = True) -> None:
+    atomic_write_json(out / "results.json", results)
+    atomic_write_bytes(out / "matrix.png", heatmap_png(results))
+    atomic_write_text(out / "report.md", report_markdown(results))
+    if html:
+        atomic_write_text(out / "report.html", report_html([out]))

@@ -100,16 +100,16 @@ def resampled_cells(run_dir: str | Path, results: dict, indices: dict[str, np.nd
 
 def resampled_metrics(results: dict, cells: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every defined metric on every resample of the stream's matrix."""
-    from mcit.report import metrics_for
+    from mcit.metrics import metrics_for
 
     tasks = results["tasks"]
     n_rows, resamples = cells[tasks[0]].shape
     sizes = [results["test_sizes"][t] for t in tasks]
-    schedule = "sequential" if n_rows == len(tasks) + 1 else "joint"
+    walk = "sequential" if n_rows == len(tasks) + 1 else "joint"
     per_metric: dict[str, list[float]] = {}
     for b in range(resamples):
         matrix = [[float(cells[t][row, b]) for t in tasks] for row in range(n_rows)]
-        for name, value in metrics_for(matrix, sizes, schedule).items():
+        for name, value in metrics_for(matrix, sizes, walk).items():
             if value is not None:
                 per_metric.setdefault(name, []).append(value)
     return {name: np.array(v) for name, v in per_metric.items()}

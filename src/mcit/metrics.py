@@ -23,6 +23,7 @@ test sizes are given. Values are full float precision (no rounding).
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 from mcit.errors import McitError
@@ -173,3 +174,16 @@ def prediction_spread(predictions: Sequence[str], references: Sequence[Sequence[
     share = n / len(predictions)
     return {"top": top, "top_share": share, "distinct": len(counts), "reference_top_share": ref_share,
             "collapsed": share > COLLAPSE_SHARE and (ref_share is None or ref_share <= COLLAPSE_SHARE)}
+
+
+def metrics_for(matrix: list[list[float]], test_sizes: list[int], walk: str) -> dict:
+    """Continual metrics of a sequential run; for joint / zero-shot (one row after the start, or
+    none) only the final-row metrics are defined."""
+    if walk == "sequential" and len(matrix) == len(matrix[0]) + 1:
+        return continual_metrics(matrix, test_sizes)
+    last = matrix[-1]
+    total = sum(test_sizes)
+    out = dict.fromkeys(METRIC_NAMES)
+    out["MFN"] = statistics.fmean(last)
+    out["FAA_weighted"] = sum(n * a for n, a in zip(test_sizes, last, strict=True)) / total if total else None
+    return out

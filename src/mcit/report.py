@@ -8,26 +8,12 @@ from pathlib import Path
 
 from mcit.errors import McitError
 from mcit.metrics import METRIC_NAMES as METRICS  # one list of the metrics, kept in metrics.py
-from mcit.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, flatten
+from mcit.metrics import metrics_for  # noqa: F401 (re-exported)
+from mcit.utils import atomic_write_bytes, flatten
 
 RESULTS = "results.json"
 
 GENERAL = ("general_final", "general_change")  # compare's columns for the held-out general tasks
-
-
-def metrics_for(matrix: list[list[float]], test_sizes: list[int], schedule: str) -> dict:
-    """Continual metrics of a sequential run; for joint / zero-shot (one row after the start, or
-    none) only the final-row metrics are defined."""
-    from mcit.metrics import continual_metrics
-
-    if schedule == "sequential" and len(matrix) == len(matrix[0]) + 1:
-        return continual_metrics(matrix, test_sizes)
-    last = matrix[-1]
-    total = sum(test_sizes)
-    out = dict.fromkeys(METRICS)
-    out["MFN"] = statistics.fmean(last)
-    out["FAA_weighted"] = sum(n * a for n, a in zip(test_sizes, last, strict=True)) / total if total else None
-    return out
 
 
 def _figure_png(fig) -> bytes:
@@ -154,16 +140,6 @@ def _collapse_markdown(results: dict, labels: list[str]) -> list[str]:
         lines.append(f"| {i}: {labels[i]} | {task} | {s['top']} | {100 * s['top_share']:.1f}% | {s['distinct']} | "
                      f"{_fmt(None if s['reference_top_share'] is None else 100 * s['reference_top_share'])}% |")
     return lines
-
-
-def write_run_report(out: Path, results: dict, html: bool = True) -> None:
-    atomic_write_json(out / "results.json", results)
-    atomic_write_bytes(out / "matrix.png", heatmap_png(results))
-    atomic_write_text(out / "report.md", report_markdown(results))
-    if html:
-        from mcit.html_report import report_html
-
-        atomic_write_text(out / "report.html", report_html([out]))
 
 
 def find_runs(paths: list[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:

@@ -19,16 +19,26 @@ from pathlib import Path
 
 import torch
 
+from mcit.assembly import (  # noqa: F401 (re-exported: the run's parts, for scripts importing them from here)
+    begin_stage,
+    build_method,
+    check_engine,
+    end_stage,
+    general_tasks,
+    load_split,
+    make_accelerator,
+    model_key,
+    prepare_benchmark,
+    prepare_model,
+    resolve_trackers,
+    stream_tasks,
+)
 from mcit.config import RunConfig, dump_config
-from mcit.data.benchmark import Benchmark, load_benchmark
-from mcit.errors import ConfigError, McitError
+from mcit.errors import McitError
 from mcit.evaluate import evaluate_task
 from mcit.flips import flip_counts
-from mcit.methods import TaskContext, get_method
 from mcit.metrics import prediction_spread
-from mcit.models.encode import Encoder, num_image_tokens
-from mcit.models.load import prompt_template, starting_model, text_budget
-from mcit.models.tuning import apply_tuning, load_trainable_state, merged_lora, trainable_state
+from mcit.models.tuning import load_trainable_state, merged_lora, trainable_state
 from mcit.progress import console
 from mcit.train import train_stage
 from mcit.utils import (
@@ -38,7 +48,6 @@ from mcit.utils import (
     environment_info,
     flatten,
     remove_stale_temporaries,
-    seed_everything,
     stable_hash,
 )
 
@@ -58,125 +67,8 @@ def config_hash(cfg: RunConfig) -> str:
     return stable_hash(data)
 
 
-def prepare_benchmark(cfg: RunConfig, cache_dir: Path, show_progress: bool = True) -> Benchmark:
-    return _override_scorers(cfg, _benchmark(cfg, cache_dir, show_progress))
-
-
-def _override_scorers(cfg: RunConfig, bench: Benchmark) -> Benchmark:
-    from mcit.scoring import check_scorer
-
-    for task, override in cfg.benchmark.scorers.items():
-        spec = bench.task(task)  # raises naming the benchmark's tasks
-        try:
-            check_scorer(override.name, override.options)
-        except McitError as e:
-            raise ConfigError(f"benchmark.scorers.{task}: {e}") from None
-        spec.scorer, spec.scorer_options = override.name, dict(override.options)
-    return bench
-
-
-def _benchmark(cfg: RunConfig, cache_dir: Path, show_progress: bool) -> Benchmark:
-    b = cfg.benchmark
-    if b.root is not None:
-        return load_benchmark(b.root)
-    if b.name != "synth":
-        raise ConfigError(f"benchmark.root is required for benchmark {b.name!r} (only 'synth' is generated)")
-    from mcit.data.synth import SYNTH_VERSION, generate_synth
-
-    root = cache_dir / "data" / f"synth-v{SYNTH_VERSION}-{stable_hash(b.synth.model_dump(mode='json'))}"
-    if not (root / "benchmark.json").is_file():
-        if show_progress:
-            console.print(f"Generating the synth benchmark into {root}")
-        generate_synth(root, **b.synth.model_dump())
-    return load_benchmark(root)
-
-
-def stream_tasks(cfg: RunConfig, bench: Benchmark) -> list[str]:
-    if cfg.benchmark.tasks:
-        tasks = list(cfg.benchmark.tasks)
-    elif bench.name == "synth":
-        from mcit.data.synth import DEFAULT_STREAM
-
-        tasks = [t for t in DEFAULT_STREAM if t in bench.tasks]
-    else:
-        tasks = list(bench.tasks)
-    for t in tasks:
-        if t not in bench.tasks:
-            raise ConfigError(f"benchmark.tasks: benchmark {bench.name!r} ({bench.root}) has no task {t!r}; "
-                              f"available: {', '.join(bench.tasks)}")
-    if len(set(tasks)) != len(tasks):
-        raise ConfigError(f"benchmark.tasks: a task appears twice in {tasks}")
-    return tasks
-
-
-def general_tasks(cfg: RunConfig, bench: Benchmark) -> list[str]:
-    """The held-out general tasks: evaluated after every stage, never trained."""
-    names = list(bench.general if cfg.benchmark.general is None else cfg.benchmark.general)
-    stream = set(stream_tasks(cfg, bench))
-    for t in names:
-        if t not in bench.tasks:
-            raise ConfigError(f"benchmark.general: benchmark {bench.name!r} has no task {t!r}; "
-                              f"available: {', '.join(bench.tasks)}")
-        if t in stream:
-            raise ConfigError(f"benchmark.general: {t!r} is also in the stream (benchmark.tasks); "
-                              "a general task is never trained")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"benchmark.general: a task appears twice in {names}")
-    return names
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def build_method(spec: dict):
-    """The method named by a validated ``method:`` config section, with its options."""
-    cls = get_method(spec["name"])
-    return cls(cls.Options.model_validate({k: v for k, v in spec.items() if k != "name"}))
-
-
-def resolve_trackers(names: list[str]) -> list:
-    """accelerate tracker names for ``trackers``: "auto" is TensorBoard if installed, else nothing."""
-    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
-
-    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
-    out = []
-    for name in names:
-        if name == "auto":
-            if is_tensorboard_available():
-                out.append("tensorboard")
-        elif not available[name]():
-            raise ConfigError(f"trackers: {name!r} is not installed (pip install {name})")
-        else:
-            out.append(name)
-    return list(dict.fromkeys(out))
-
-
-def make_accelerator(cfg: RunConfig, tracking_dir: Path | None = None):
-    """The run's Accelerator; with ``tracking_dir``, the configured trackers log there."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    # Some trainable parameters get no gradient on a given batch (p.grad is None): DDP must allow it.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    trackers = resolve_trackers(cfg.trackers) if tracking_dir is not None else []
-    accelerator = Accelerator(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()),
-                              mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], log_with=trackers or None,
-                              project_dir=str(tracking_dir) if trackers else None)
-    check_engine(accelerator)
-    return accelerator
-
-
-def check_engine(accelerator) -> None:
-    """Refuse the accelerate engines the runner cannot drive correctly, before any work is done."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise McitError(
-            "accelerate config: DeepSpeed is not supported yet. ZeRO owns the optimizer and partitions "
-            "gradients, while mcit builds one optimizer per task and its methods read and edit each "
-            "parameter's full gradient between backward and step (DGG, Fwd-Prompt, importance "
-            "estimation). Use configs/accelerate/ddp.yaml (verified) or fsdp.yaml."
-        )
 
 
 def _flat(data: dict) -> dict:
@@ -184,55 +76,6 @@ def _flat(data: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(data, "/").items()}
 
 
-def load_split(cfg: RunConfig, bench: Benchmark, tasks: list[str], split: str) -> dict:
-    """Every task's samples of one split, capped by ``benchmark.max_train`` / ``max_test``; every
-    image they use opened (``benchmark.image_check``) so a corrupt one fails before any training."""
-    from mcit.data.check import verify_images
-
-    limit = cfg.benchmark.max_train if split == "train" else cfg.benchmark.max_test
-    samples = {t: bench.task(t).load(split, bench.image_root)[:limit] for t in tasks}
-    if cfg.benchmark.image_check != "exists":
-        files = {getattr(bench.task(t), split): samples[t] for t in tasks}
-        verify_images(files, full=cfg.benchmark.image_check == "decode")
-    return samples
-
-
-def prepare_model(cfg: RunConfig, bench: Benchmark, cache_dir: Path, accelerator, train: dict, tasks: list[str],
-                  show_progress: bool = True):
-    """The starting model with its tuning mode applied, its encoder, and the methods' context."""
-    with accelerator.main_process_first():  # the main process builds and caches a tiny base; the others load it
-        model, processor = starting_model(cfg, bench, cache_dir, accelerator, show_progress and accelerator.is_main_process)
-    encoder = Encoder(processor, prompt_template(cfg, processor), text_budget(cfg, model, num_image_tokens(processor)))
-    seed_everything(cfg.seed)  # adapters (LoRA) initialise from the global RNG: make it the run's seed
-    model = apply_tuning(model, cfg.model.tuning, cfg.model.lora, cfg.model.train_projector).to(accelerator.device)
-    ctx = TaskContext(model, accelerator, cfg, tasks, train, seed=cfg.seed)
-    ctx.extras["encoder"] = encoder
-    ctx.extras["benchmark"] = bench
-    return model, encoder, ctx
-
-
-def begin_stage(method, ctx: TaskContext, stage: int, label: str, task_names: list[str]):
-    """Point ``ctx`` at a stage and let the method prepare it: (samples, weights, before_task seconds).
-
-    Stage ``k`` is seeded with ``seed x 1000 + k``, which is what makes a resumed stage replay exactly.
-    """
-    ctx.stage, ctx.task, ctx.step, ctx.seed = stage, label, 0, ctx.config.seed * 1000 + stage
-    seed_everything(ctx.seed)
-    samples = [s for t in task_names for s in method.train_data(t, ctx.train_data[t], ctx)]
-    weights = method.sample_weights(samples, ctx)
-    t0 = time.perf_counter()
-    method.before_task(label, samples, ctx)
-    return samples, weights, time.perf_counter() - t0
-
-
-def end_stage(method, ctx: TaskContext, label: str) -> float:
-    """The method's end-of-task work (importance, snapshots, buffer); its seconds."""
-    t0 = time.perf_counter()
-    method.after_task(label, ctx)
-    return time.perf_counter() - t0
-
-
-# what a run writes into its directory: --restart removes these and nothing else
 RUN_FILES = (STATE, "config.yaml", "results.json", "report.md", "report.html", "matrix.png", "checkpoints",
              "predictions", "tracking")
 
@@ -301,7 +144,7 @@ class Run:
 
     def _save_stage(self, stage: int, label: str, state: dict, evals, method) -> None:
         """Checkpoint, predictions and state of a finished row: written by the main process only."""
-        if stage > 0 and method.schedule != "none":  # every process records where it is
+        if stage > 0 and method.walk != "none":  # every process records where it is
             state["checkpoint"] = f"checkpoints/stage_{stage:02d}_{label}"
         if self.accelerator.is_main_process:
             self._write_stage(stage, label, state, evals, method)
@@ -310,7 +153,7 @@ class Run:
     def _write_stage(self, stage: int, label: str, state: dict, evals, method) -> None:
         from safetensors.torch import save_file
 
-        if stage > 0 and method.schedule != "none":
+        if stage > 0 and method.walk != "none":
             ckpt = self.out / state["checkpoint"]
             tmp = ckpt.with_name(ckpt.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -347,11 +190,12 @@ class Run:
         model = self.accelerator.unwrap_model(self.model)  # generation runs on the bare model
         with merged_lora(model) if self.cfg.eval.merge_lora else contextlib.nullcontext():
             for name in [*self.tasks, *self.general]:
-                ctx.extras["eval_task"] = name  # methods that route per sample score their routing against it
-                evals.append(
-                    evaluate_task(model, self.encoder, self.bench.task(name), self.test[name], self.cfg.eval,
+                ctx.oracle_task = name if method.task_id_at_test else None  # task-aware methods only
+                e = evaluate_task(model, self.encoder, self.bench.task(name), self.test[name], self.cfg.eval,
                                   self.accelerator.device, method, ctx, accelerator=self.accelerator)
-                )
+                e.summary = method.eval_summary()
+                evals.append(e)
+            ctx.oracle_task = None
         seconds = time.perf_counter() - t0
         if self.show:
             cells = "  ".join(f"{e.task} {e.headline:.1f}" for e in evals[: len(self.tasks)])
@@ -398,7 +242,7 @@ class Run:
         self.model = self.accelerator.prepare(self.model)
         ctx.model = self.model
 
-        stages = self._stages(method)
+        stages = method.stages(self.tasks)
         if state is None:
             state = {"config_hash": self.hash, "tasks": self.tasks, "general": self.general, "rows": [],
                      "general_rows": [], "row_labels": [], "details": [],
@@ -416,10 +260,7 @@ class Run:
             if stage < len(state["rows"]):
                 continue
             samples, weights, one_off = begin_stage(method, ctx, stage, label, task_names)
-            steps = cfg.train.steps_for(len(samples))
-            if method.schedule == "joint":  # with epochs, the joint stage's samples already span all tasks
-                tasks_factor = 1 if cfg.train.epochs is not None else len(self.tasks)
-                steps = int(round(method.options.steps_factor * steps * tasks_factor))
+            steps = method.stage_steps(len(samples), len(task_names), cfg.train)
             stats = train_stage(self.model, self.encoder, samples, cfg.train, self.accelerator, ctx.seed, method, ctx,
                                 weights=weights, steps=steps, desc=f"task {stage}/{len(stages)} {label}",
                                 show_progress=self.show,
@@ -434,7 +275,7 @@ class Run:
             self._save_stage(stage, label, state, evals, method)
 
         results = self._results(state, method)
-        from mcit.report import write_run_report
+        from mcit.html_report import write_run_report
 
         if self.accelerator.is_main_process:
             from mcit.intervals import run_intervals
@@ -447,13 +288,6 @@ class Run:
             self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
         return results
-
-    def _stages(self, method) -> list[tuple[str, list[str]]]:
-        if method.schedule == "none":
-            return []
-        if method.schedule == "joint":
-            return [("joint", list(self.tasks))]
-        return [(t, [t]) for t in self.tasks]
 
     def _record_row(self, state: dict, label: str, evals, seconds: float) -> None:
         if self.tracking:  # one point per task per row, at the training steps done so far
@@ -474,6 +308,32 @@ class Run:
                                   highlight=False)
         state["eval_s"] += seconds
         state.setdefault("scorer_info", {}).update({e.task: e.info for e in evals if e.info})
+        row = str(len(state["rows"]) - 1)
+        learned = self.tasks[: len(state["rows"]) - 1]  # row r follows the training of the first r tasks
+        for e in evals:
+            if e.routed is not None and e.task in learned:  # routing to the task's own parameters
+                own = self.tasks.index(e.task)
+                correct = sum(bool(r[own]) for r in e.routed)
+                state.setdefault("routing", {}).setdefault(row, {})[e.task] = [correct, len(e.routed)]
+            for key, value in (e.summary or {}).items():
+                state.setdefault("eval_summaries", {}).setdefault(key, {}).setdefault(row, {})[e.task] = value
+
+    @staticmethod
+    def _method_report(state: dict, method) -> dict:
+        """The method's own report, with what evaluation observed of it: routing accuracy per row
+        and task (percent of a task's test samples routed to its parameters) and the method's
+        per-task evaluation summaries."""
+        from mcit.methods.routing import RoutingTally
+
+        report = dict(method.report())
+        if method.task_id_at_test:
+            report["task_id_at_test"] = True
+        if state.get("routing"):
+            tally = RoutingTally()
+            tally.load(state["routing"])
+            report["routing_accuracy"] = tally.report()
+        report.update(state.get("eval_summaries", {}))
+        return report
 
     def _results(self, state: dict, method) -> dict:
         from mcit.report import metrics_for
@@ -494,7 +354,7 @@ class Run:
             "scorer_options": {t: self.bench.task(t).scorer_options for t in self.tasks},
             "test_sizes": sizes,
             "matrix": state["rows"],
-            "metrics": metrics_for(state["rows"], [sizes[t] for t in self.tasks], method.schedule),
+            "metrics": metrics_for(state["rows"], [sizes[t] for t in self.tasks], method.walk),
             "timing": {
                 "train_s": round(state["train_s"], 3),
                 "eval_s": round(state["eval_s"], 3),
@@ -512,7 +372,7 @@ class Run:
             "details": state["details"],
             "scorer_info": state.get("scorer_info", {}),
             "parameters": {"total": total_params, "trainable": trainable},
-            "method_report": method.report(),
+            "method_report": self._method_report(state, method),
             "general": self._general_block(state),
             # per row, per task (stream and general): the most frequent prediction, its share, the
             # distinct predictions; 'collapsed' when one answer covers > 90% where references vary
@@ -534,33 +394,6 @@ class Run:
             "matrix": rows,
             "metrics": general_metrics(rows),
         }
-
-
-def model_key(cfg: RunConfig, bench: Benchmark) -> str:
-    """What identifies the starting model (for caches of things computed with it)."""
-    from mcit.models.start import base_key
-
-    if cfg.model.kind == "tiny":
-        return f"tiny:{base_key(cfg, bench)}"
-    if cfg.model.kind == "start":  # the weights' digest: a rebuilt start must not reuse old caches
-        from mcit.models.start import start_digest
-
-        return f"start:{cfg.model.start}:{start_digest(cfg)[:16]}"
-    return f"hf:{Path(cfg.model.path).resolve()}"
-
-
-def stream_similarity(cfg: RunConfig, samples: int = 1000, show_progress: bool = True):
-    """(tasks, T x T similarity matrix) of the config's stream, with the starting model's vision tower."""
-    from mcit.similarity import TaskEmbeddings, similarity_matrix
-
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    bench = prepare_benchmark(cfg, cache_dir, show_progress)
-    tasks = stream_tasks(cfg, bench)
-    train = load_split(cfg, bench, tasks, "train")
-    accelerator = make_accelerator(cfg)
-    model, encoder, _ = prepare_model(cfg, bench, cache_dir, accelerator, train, tasks, show_progress)
-    emb = TaskEmbeddings(model, encoder, cache_dir, model_key(cfg, bench), samples, cfg.seed)
-    return tasks, similarity_matrix([emb.get(t, train[t]) for t in tasks])
 
 
 def run(cfg: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True,

@@ -140,12 +140,12 @@ class TaskEmbeddings:
 
 def for_run(ctx, samples: int) -> TaskEmbeddings:
     """Task embeddings for a method inside a run: the run's model, encoder, cache and seed."""
-    from mcit.runner import model_key
+    from mcit.assembly import model_key
     from mcit.utils import default_cache_dir
 
     cfg = ctx.config
     cache = cfg.cache_dir if cfg.cache_dir is not None else default_cache_dir()
-    return TaskEmbeddings(ctx.unwrapped, ctx.extras["encoder"], cache, model_key(cfg, ctx.extras["benchmark"]),
+    return TaskEmbeddings(ctx.unwrapped, ctx.encoder, cache, model_key(cfg, ctx.benchmark),
                           samples, cfg.seed)
 
 
@@ -199,3 +199,25 @@ def similarity_png(tasks: list[str], matrix: torch.Tensor) -> bytes:
 
 
 __all__ = ["MODALITIES", "TaskEmbeddings", "TextEncoder", "similarity_matrix", "similarity_png", "task_embedding"]
+
+
+def stream_similarity(cfg, samples: int = 1000, show_progress: bool = True):
+    """(tasks, T x T similarity matrix) of the config's stream, with the starting model's vision tower."""
+    from mcit.assembly import (
+        load_split,
+        make_accelerator,
+        model_key,
+        prepare_benchmark,
+        prepare_model,
+        stream_tasks,
+    )
+    from mcit.utils import default_cache_dir
+
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    bench = prepare_benchmark(cfg, cache_dir, show_progress)
+    tasks = stream_tasks(cfg, bench)
+    train = load_split(cfg, bench, tasks, "train")
+    accelerator = make_accelerator(cfg)
+    model, encoder, _ = prepare_model(cfg, bench, cache_dir, accelerator, train, tasks, show_progress)
+    emb = TaskEmbeddings(model, encoder, cache_dir, model_key(cfg, bench), samples, cfg.seed)
+    return tasks, similarity_matrix([emb.get(t, train[t]) for t in tasks])

@@ -1,11 +1,12 @@
 """The method interface: a small class with optional lifecycle hooks.
 
 The runner calls hooks and never looks at method names. A method declares its options as a
-pydantic model (validated with the run config, before any work) and how it walks the stream:
+pydantic model (validated with the run config, before any work) and how it walks the stream
+(``walk``; the method's ``stages`` and ``stage_steps`` turn it into the stage plan the runner runs):
 
-- ``schedule = "sequential"``: one training stage per task, evaluated after each (the default).
-- ``schedule = "joint"``: one stage on the union of the stream's tasks.
-- ``schedule = "none"``: no training (zero-shot).
+- ``walk = "sequential"``: one training stage per task, evaluated after each (the default).
+- ``walk = "joint"``: one stage on the union of the stream's tasks.
+- ``walk = "none"``: no training (zero-shot).
 
 Method state for checkpoints is ``(tensors, meta)``: tensors go to safetensors, meta to JSON.
 """
@@ -31,7 +32,13 @@ class MethodOptions(BaseModel):
 
 @dataclass
 class TaskContext:
-    """What hooks may read: the model, the stream, the current position and the data."""
+    """What hooks may read: the model, the stream, the current position and the data.
+
+    At test time a method does not see which task a sample comes from (``task`` is the stage's
+    training task): it routes by the sample alone, and evaluation scores the routing it reports.
+    Only a method whose inference is task-aware by design (``Method.task_id_at_test``, reported in
+    results.json) is told the task under evaluation, in ``oracle_task``.
+    """
 
     model: Any
     accelerator: Any
@@ -41,9 +48,18 @@ class TaskContext:
     stage: int = 0  # 1-based index of the task being trained; 0 before training
     task: str | None = None
     step: int = 0  # optimiser steps done in the current stage
+    # the run's seed in setup; in a stage, that stage's seed (run seed x 1000 + stage), which is what
+    # makes a resumed stage replay exactly; ``run_seed`` is the run's seed throughout
     seed: int = 0
     batch_samples: list[Sample] = field(default_factory=list)  # the samples of the batch being trained on
-    extras: dict[str, Any] = field(default_factory=dict)
+    encoder: Any = None  # the run's Encoder (prompts, batches)
+    benchmark: Any = None  # the run's Benchmark (base-mix data for pre-trained subspaces, caches)
+    oracle_task: str | None = None  # the task under evaluation: only for ``task_id_at_test`` methods
+    run_seed: int | None = None  # default: ``seed`` as given at construction (the run's)
+
+    def __post_init__(self):
+        if self.run_seed is None:
+            self.run_seed = self.seed
 
     @property
     def unwrapped(self):
@@ -58,12 +74,26 @@ class TaskContext:
 class Method:
     name: ClassVar[str] = ""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
-    schedule: ClassVar[Literal["sequential", "joint", "none"]] = "sequential"
+    walk: ClassVar[Literal["sequential", "joint", "none"]] = "sequential"
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 
     def __init__(self, options: MethodOptions):
         self.options = options
+
+    # --- the stage plan ------------------------------------------------------------------
+    def stages(self, tasks: list[str]) -> list[tuple[str, list[str]]]:
+        """The training stages in order, as (label, the tasks trained together); each is followed
+        by a matrix row."""
+        if self.walk == "none":
+            return []
+        if self.walk == "joint":
+            return [("joint", list(tasks))]
+        return [(t, [t]) for t in tasks]
+
+    def stage_steps(self, n_samples: int, n_tasks: int, optim) -> int:
+        """Optimiser steps of a stage training on ``n_samples`` (spanning ``n_tasks`` tasks)."""
+        return optim.steps_for(n_samples)
 
     # --- lifecycle hooks; defaults do nothing -------------------------------------------
     def setup(self, model, ctx: TaskContext) -> None:
@@ -90,8 +120,25 @@ class Method:
     def after_task(self, task: str, ctx: TaskContext) -> None:
         """After a stage: importances, snapshots, bases."""
 
-    def route(self, batch: dict, ctx: TaskContext) -> None:
-        """Prepare the model for an inference batch (choose an expert or prompt)."""
+    # inference told the task of each test set (a task-aware method, e.g. a reference that passes
+    # the task index at evaluation); recorded in results.json as ``task_id_at_test``
+    @property
+    def task_id_at_test(self) -> bool:
+        return False
+
+    def route(self, batch: dict, ctx: TaskContext) -> torch.Tensor | None:
+        """Prepare the model for an inference batch (choose an expert or prompt). A method that
+        routes returns a boolean ``(batch, len(ctx.tasks))`` tensor: which tasks' parameters each
+        sample was routed to (one task for a task expert; every task sharing an expert; none for
+        prompts of several tasks); evaluation scores it against the sample's true task
+        (``routing_accuracy`` in ``method_report``: the share of a task's test samples routed to it)."""
+        return None
+
+    def eval_summary(self) -> dict[str, Any] | None:
+        """What the method observed while the test set just evaluated was answered (e.g. mean
+        router gates), JSON-able; evaluation files each key under ``method_report[key][row][task]``.
+        Called after each task's evaluation; the method resets what it accumulates."""
+        return None
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {}

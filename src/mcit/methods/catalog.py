@@ -2,7 +2,7 @@
 
 Every method module imports torch (2-4 s on a laptop CPU), so listing the methods by importing
 them costs seconds. ``catalog.json`` beside this file holds, per built-in method, what the
-listing shows: schedule, summary, paper and each option's default and description. It is built
+listing shows: walk, summary, paper and each option's default and description. It is built
 from the registered classes by ``python -m mcit.methods.catalog`` and a test rebuilds it and
 fails when it differs, so it cannot drift from the code.
 """
@@ -25,7 +25,7 @@ def build_catalog() -> dict[str, Any]:
     for name in sorted(BUILTIN):
         cls = registry[name]
         entries[name] = {
-            "schedule": cls.schedule,
+            "walk": cls.walk,
             "summary": cls.summary,
             "paper": cls.paper,
             "options": [{"name": field_name, "default": repr(field.default), "description": field.description or ""}

@@ -28,7 +28,7 @@ from mcit.errors import McitError
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.query import FrozenQueries, key_scores, pull_keys
-from mcit.methods.routing import RoutingTally
+from mcit.methods.routing import routed_to
 from mcit.models.tuning import llava_parts
 
 
@@ -78,7 +78,6 @@ class EProj(Method):
         super().__init__(options)
         self.expert_of: dict[str, int] = {}
         self.n_used = 0
-        self.routing = RoutingTally()
 
     def setup(self, model, ctx: TaskContext) -> None:
         base, tower, embed = llava_parts(ctx.unwrapped)
@@ -92,7 +91,7 @@ class EProj(Method):
             p.requires_grad_(True)  # experts without a gradient this task (p.grad None) are not stepped
         self.bank.image_keys.requires_grad_(False)  # keys move only in the key phase
         self.bank.text_keys.requires_grad_(False)
-        self.encoder = ctx.extras["encoder"]
+        self.encoder = ctx.encoder
         self.queries = FrozenQueries(ctx.unwrapped, self.encoder)
 
     # --- which expert a task trains ------------------------------------------------------------
@@ -127,33 +126,30 @@ class EProj(Method):
     def _sample(self, data: list[Sample], ctx: TaskContext, task: str) -> list[Sample]:
         from mcit.similarity import sample_for_similarity
 
-        return sample_for_similarity(data, self.options.key_samples, ctx.config.seed, task)
+        return sample_for_similarity(data, self.options.key_samples, ctx.run_seed, task)
 
     # --- inference ---------------------------------------------------------------------------
-    def route(self, batch: dict, ctx: TaskContext) -> None:
+    def route(self, batch: dict, ctx: TaskContext) -> torch.Tensor | None:
         if self.n_used == 0:
             self.bank.route = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long,
                                           device=batch["input_ids"].device)  # zero-shot: the base projector
-            return
+            return None
         image_q, text_q = self.queries(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
         scores = key_scores(image_q, text_q, self.bank.image_keys[: self.n_used], self.bank.text_keys[: self.n_used])
         choice = scores.argmax(-1)
         self.bank.route = choice
-        task = ctx.extras.get("eval_task") if ctx is not None else None
-        if task in self.expert_of:
-            self.routing.add(ctx.stage, task, int((choice == self.expert_of[task]).sum()), choice.numel())
+        return routed_to(choice, [self.expert_of.get(t, -1) for t in ctx.tasks])
 
     def report(self) -> dict:
         return {
             "experts_created": self.n_used,
             "expert_of_task": dict(self.expert_of),
-            "routing_accuracy": self.routing.report(),
         }
 
     # --- checkpoints -------------------------------------------------------------------------
     def state_dict(self):
         keys = {"image_keys": self.bank.image_keys.detach(), "text_keys": self.bank.text_keys.detach()}
-        return keys, {"expert_of": self.expert_of, "n_used": self.n_used, "routing": self.routing.cells}
+        return keys, {"expert_of": self.expert_of, "n_used": self.n_used}
 
     def load_state_dict(self, tensors, meta) -> None:
         with torch.no_grad():  # the experts themselves come back with the model's trainable weights
@@ -161,7 +157,6 @@ class EProj(Method):
             self.bank.text_keys.copy_(tensors["text_keys"])
         self.expert_of = dict(meta.get("expert_of", {}))
         self.n_used = int(meta.get("n_used", 0))
-        self.routing.load(meta.get("routing", {}))
 
 
 class EProjSimOptions(EProjOptions):

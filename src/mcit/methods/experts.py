@@ -91,9 +91,9 @@ class ExpertBank:
         self._per_sample: torch.Tensor | None = None  # ... or one vector per sample
         self._router_top_k: int | None = None
         self._use_router = False
-        self.record: tuple[str, str] | None = None  # (row, task): sum the router's gates in eval mode
+        self.record = False  # sum the router's gates in eval mode (take_gates reads and resets the sum)
         self.usage: torch.Tensor | None = None  # when set: per expert, tokens that rank it in their top 2 (training)
-        self._gate_sums: dict[str, dict[str, list]] = {}
+        self._gate_sum, self._gate_count = torch.zeros(n, dtype=torch.float64), 0
         self._layer_name = {id(layer): name for name, layer in self.layers.items()}
         self._merged: dict[str, tuple[str, list[int]]] = {}  # layer name -> (kind, experts): overrides the gate
         # a method's own combination, (layer, x, base output) -> output, in place of the gate (SMoLoRA)
@@ -170,11 +170,9 @@ class ExpertBank:
             if self.usage is not None and layer.training:
                 top = probs.detach().topk(min(2, self.n), dim=-1).indices.reshape(-1)
                 self.usage += torch.bincount(top.cpu(), minlength=self.n)
-            if self.record is not None and not layer.training:
-                row, task = self.record
-                cell = self._gate_sums.setdefault(row, {}).setdefault(task, [torch.zeros(self.n, dtype=torch.float64), 0])
-                cell[0] += probs.detach().reshape(-1, self.n).sum(0).double().cpu()
-                cell[1] += probs.shape[0] * probs.shape[1] if probs.dim() == 3 else probs.shape[0]
+            if self.record and not layer.training:
+                self._gate_sum += probs.detach().reshape(-1, self.n).sum(0).double().cpu()
+                self._gate_count += probs.shape[0] * probs.shape[1] if probs.dim() == 3 else probs.shape[0]
             return probs
         if self._per_sample is not None:
             if self._per_sample.shape[0] != x.shape[0]:
@@ -219,18 +217,14 @@ class ExpertBank:
             result = result + (delta if gate.dim() == 1 and float(g) == 1.0 else delta * g.to(delta.dtype))
         return result.to(output.dtype)
 
-    def recorded_gates(self) -> dict[str, dict[str, list[float]]]:
-        """Per row and task, the router's mean gate per expert over every LoRA layer and token."""
-        return {row: {t: [round(float(v), 4) for v in total / max(count, 1)] for t, (total, count) in cells.items()}
-                for row, cells in self._gate_sums.items()}
-
-    def gate_state(self) -> dict:
-        return {row: {t: [total.tolist(), count] for t, (total, count) in cells.items()}
-                for row, cells in self._gate_sums.items()}
-
-    def load_gate_state(self, state: dict) -> None:
-        self._gate_sums = {row: {t: [torch.tensor(total, dtype=torch.float64), int(count)]
-                                 for t, (total, count) in cells.items()} for row, cells in state.items()}
+    def take_gates(self) -> list[float] | None:
+        """The router's mean gate per expert over every LoRA layer and token recorded since the
+        last call (None if nothing was recorded); the sum starts again."""
+        if not self._gate_count:
+            return None
+        mean = [round(float(v), 4) for v in self._gate_sum / self._gate_count]
+        self._gate_sum, self._gate_count = torch.zeros(self.n, dtype=torch.float64), 0
+        return mean
 
     def delta_weight(self, e: int, layer_name: str) -> torch.Tensor:
         """Expert ``e``'s update of one layer's weight, scaling · B A."""

@@ -136,7 +136,7 @@ class GEM(Method):
         if not params:
             return
         g = torch.cat([p.grad.detach().reshape(-1) for p in params])
-        model, encoder, device = ctx.unwrapped, ctx.extras["encoder"], ctx.accelerator.device
+        model, encoder, device = ctx.unwrapped, ctx.encoder, ctx.accelerator.device
         rows = []
         for samples in batches.values():
             batch = {k: v.to(device) for k, v in encoder.train_batch(samples).items()}

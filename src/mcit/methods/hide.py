@@ -34,7 +34,7 @@ from mcit.data.format import Sample
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.experts import ExpertBank
-from mcit.methods.routing import RoutingTally
+from mcit.methods.routing import routed_to
 from mcit.utils import stable_seed
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -56,7 +56,6 @@ class AnchoredExperts(Method):
     def __init__(self, options):
         super().__init__(options)
         self.done = 0
-        self.routing = RoutingTally()
 
     def setup(self, model, ctx: TaskContext) -> None:
         from mcit.methods.query import FrozenQueries
@@ -66,10 +65,10 @@ class AnchoredExperts(Method):
         seed = stable_seed(ctx.seed, self.name, "init")
         self.bank = ExpertBank(ctx.unwrapped, self.n_tasks, self.options.rank, init=self.options.init, seed=seed)
         self.bank.use([])
-        self.encoder = ctx.extras["encoder"]
+        self.encoder = ctx.encoder
         self.queries = FrozenQueries(ctx.unwrapped, self.encoder)
         self.text = TextEncoder()
-        self._seed = ctx.config.seed if ctx.config is not None else ctx.seed
+        self._seed = ctx.run_seed
         self.image_anchor: torch.Tensor | None = None
         self.text_anchor: torch.Tensor | None = None
 
@@ -118,27 +117,25 @@ class AnchoredExperts(Method):
         s[:, self.done :] = 0.0
         return s
 
-    def route(self, batch: dict, ctx: TaskContext) -> None:
+    def route(self, batch: dict, ctx: TaskContext) -> torch.Tensor | None:
         if self.done == 0:
-            return
+            return None
         s = self.similarities(batch, ctx.batch_samples)
         weights = torch.softmax(s / self.options.temperature, dim=-1)
         self.bank.route(weights.to(batch["input_ids"].device))
-        task = ctx.extras.get("eval_task")
-        if task in ctx.tasks[: self.done]:
-            choice = s[:, : self.done].argmax(-1)
-            self.routing.add(ctx.stage, task, int((choice == ctx.tasks.index(task)).sum()), choice.numel())
+        # routing is scored by the most similar task (expert t is task t's)
+        owner = [t if t < self.done else -1 for t in range(len(ctx.tasks))]
+        return routed_to(s[:, : self.done].argmax(-1), owner)
 
     def report(self) -> dict:
-        return {"tasks_done": self.done, "routing_accuracy": self.routing.report()}
+        return {"tasks_done": self.done}
 
     def state_dict(self):  # the experts are trainable parameters: in the per-task checkpoint
         tensors = {} if self.image_anchor is None else {"image_anchor": self.image_anchor, "text_anchor": self.text_anchor}
-        return tensors, {"done": self.done, "routing": self.routing.cells}
+        return tensors, {"done": self.done}
 
     def load_state_dict(self, tensors, meta) -> None:
         self.done = int(meta.get("done", 0))
-        self.routing.load(meta.get("routing", {}))
         if "image_anchor" in tensors:
             self.image_anchor, self.text_anchor = tensors["image_anchor"], tensors["text_anchor"]
         self.bank.frozen = set(range(self.n_tasks))

@@ -16,5 +16,10 @@ class JointOptions(MethodOptions):
 class Joint(Method):
     name = "joint"
     Options = JointOptions
-    schedule = "joint"
+    walk = "joint"
     summary = "Multi-task training once on the union of all tasks (upper bound); one matrix row after training."
+
+    def stage_steps(self, n_samples: int, n_tasks: int, optim) -> int:
+        # train.steps per task (with epochs, the joint stage's samples already span every task)
+        steps = optim.steps_for(n_samples)
+        return int(round(self.options.steps_factor * steps * (1 if optim.epochs is not None else n_tasks)))

@@ -106,7 +106,7 @@ class KeepLoRA(Method):
     # --- the gradient pass -------------------------------------------------------------------------
     def gradients(self, samples: list[Sample], ctx: TaskContext) -> dict[str, torch.Tensor]:
         """∂L/∂W per LoRA layer, averaged over batches of ``data_ratio`` of ``samples`` (evenly spaced)."""
-        model, encoder = ctx.unwrapped, ctx.extras["encoder"]
+        model, encoder = ctx.unwrapped, ctx.encoder
         n = max(1, int(round(self.options.data_ratio * len(samples))))
         picked = [samples[int(i)] for i in torch.linspace(0, len(samples) - 1, n).round().long().unique().tolist()]
         layers = lora_layers(model)

@@ -50,7 +50,7 @@ class LwF(Method):
         if ctx.stage <= 1 and not self.options.first_task:
             return
         unique = list({s.id: s for s in samples}.values())
-        model, encoder = ctx.unwrapped, ctx.extras["encoder"]
+        model, encoder = ctx.unwrapped, ctx.encoder
         was_training = model.training
         model.eval()
         bs = self.options.teacher_batch_size

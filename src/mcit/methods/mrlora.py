@@ -41,7 +41,7 @@ from mcit.errors import ConfigError
 from mcit.methods import register
 from mcit.methods.base import Method, MethodOptions, TaskContext
 from mcit.methods.experts import ExpertBank
-from mcit.methods.routing import RoutingTally
+from mcit.methods.routing import routed_to
 from mcit.models.tuning import only_trainable
 from mcit.utils import stable_hash, stable_seed
 
@@ -84,7 +84,6 @@ class MRLoRA(Method):
     def __init__(self, options: MRLoRAOptions):
         super().__init__(options)
         self.done = 0
-        self.routing = RoutingTally()
         self.router_steps: list[int] = []
 
     def setup(self, model, ctx: TaskContext) -> None:
@@ -93,9 +92,9 @@ class MRLoRA(Method):
         self.bank = ExpertBank(ctx.unwrapped, self.n_tasks + 1, self.options.rank, init=self.options.init, seed=seed)
         self.router = self.n_tasks
         self.bank.use([])
-        self.encoder = ctx.extras["encoder"]
+        self.encoder = ctx.encoder
         self.common, self.label_tokens = label_tokens(self.encoder.tokenizer, [task_label(i) for i in range(self.n_tasks)])
-        self._seed = ctx.config.seed if ctx.config is not None else ctx.seed
+        self._seed = ctx.run_seed
 
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
         e = ctx.stage - 1
@@ -157,23 +156,20 @@ class MRLoRA(Method):
         labels = self.label_tokens[: self.done].to(logits.device)
         return logits[:, labels].argmax(-1)
 
-    def route(self, batch: dict, ctx: TaskContext) -> None:
+    def route(self, batch: dict, ctx: TaskContext) -> torch.Tensor | None:
         if self.done == 0:
             self.bank.use([])
-            return
+            return None
         choice = self.choose(batch, ctx.unwrapped)
         self.bank.route(torch.nn.functional.one_hot(choice, self.bank.n).float())
-        task = ctx.extras.get("eval_task")
-        if task in ctx.tasks[: self.done]:
-            self.routing.add(ctx.stage, task, int((choice == ctx.tasks.index(task)).sum()), choice.numel())
+        return routed_to(choice, [t if t < self.done else -1 for t in range(len(ctx.tasks))])
 
     def report(self) -> dict:
-        return {"tasks_done": self.done, "router_steps": self.router_steps, "routing_accuracy": self.routing.report()}
+        return {"tasks_done": self.done, "router_steps": self.router_steps}
 
     def state_dict(self):  # experts and router are trainable parameters: in the per-task checkpoint
-        return {}, {"done": self.done, "router_steps": self.router_steps, "routing": self.routing.cells}
+        return {}, {"done": self.done, "router_steps": self.router_steps}
 
     def load_state_dict(self, tensors, meta) -> None:
         self.done = int(meta.get("done", 0))
         self.router_steps = list(meta.get("router_steps", []))
-        self.routing.load(meta.get("routing", {}))

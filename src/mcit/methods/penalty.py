@@ -75,7 +75,7 @@ class ImportancePenalty(Method):
     # --- importance -----------------------------------------------------------------------
     def estimate(self, samples: list[Sample], ctx: TaskContext) -> dict[str, torch.Tensor]:
         """Mean over passes of ``accumulate(grad of objective)``; zero where no gradient arrives."""
-        model, encoder = ctx.unwrapped, ctx.extras["encoder"]
+        model, encoder = ctx.unwrapped, ctx.encoder
         params = ctx.trainable_parameters()
         importance = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         was_training = model.training

@@ -21,3 +21,13 @@ class RoutingTally:
 
     def load(self, cells: dict) -> None:
         self.cells = {row: {t: list(v) for t, v in c.items()} for row, c in cells.items()}
+
+
+def routed_to(choice, owner: list[int]):
+    """What ``Method.route`` returns for a choice of one expert per sample: ``(batch, tasks)``
+    booleans, True where task t's expert (``owner[t]``, -1 for a task without one yet) is the
+    sample's choice."""
+    import torch
+
+    owners = torch.tensor(owner, dtype=torch.long, device=choice.device)
+    return choice.long().unsqueeze(1) == owners.unsqueeze(0)

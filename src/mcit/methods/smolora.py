@@ -103,9 +103,15 @@ class SMoLoRA(Method):
         if self.options.instruction == "task":
             self.instruction = self.task_vector(task, ctx.train_data[task])
 
+    @property
+    def task_id_at_test(self) -> bool:
+        # instruction: task routes a test sample by its task's instruction, as the reference passes
+        # the task index (ins_type) at evaluation: task-aware inference, reported as such
+        return self.options.instruction == "task"
+
     def route(self, batch: dict, ctx: TaskContext) -> None:
         self.eval_mask = batch["attention_mask"]
-        task = ctx.extras.get("eval_task")
+        task = ctx.oracle_task
         if self.options.instruction == "task" and task in ctx.train_data:
             self.instruction = self.task_vector(task, ctx.train_data[task])
         else:  # sample mode, or a general task (no training data to take a task instruction from)

@@ -7,5 +7,5 @@ from mcit.methods.base import Method
 @register
 class ZeroShot(Method):
     name = "zeroshot"
-    schedule = "none"
+    walk = "none"
     summary = "Evaluate the starting model on every task without training (row 0 of every matrix)."

@@ -52,16 +52,18 @@ class Encoder:
     # --- text ---------------------------------------------------------------------------
     def prompt_ids(self, sample: Sample) -> list[int]:
         """The prompt's ids (memoised: evaluation sorts by their length, then encodes them)."""
-        key = (sample.question, self.prefix_tokens)
-        hit = self._prompts.get(key)
+        return self._memo(self._prompts, (sample.question, self.prefix_tokens), lambda: self._prompt_ids(sample))
+
+    def _memo(self, cache: OrderedDict, key, compute):
+        """``cache[key]``, computed on a miss; least recently used entries go past ``image_cache_size``."""
+        hit = cache.get(key)
         if hit is not None:
-            self._prompts.move_to_end(key)
+            cache.move_to_end(key)
             return hit
-        ids = self._prompt_ids(sample)
-        self._prompts[key] = ids
-        if len(self._prompts) > self.image_cache_size:
-            self._prompts.popitem(last=False)
-        return ids
+        out = cache[key] = compute()
+        if len(cache) > self.image_cache_size:
+            cache.popitem(last=False)
+        return out
 
     def _prompt_ids(self, sample: Sample) -> list[int]:
         if self.image_token in self.prompt_template:  # a chat template places the image itself
@@ -76,16 +78,7 @@ class Encoder:
     def train_ids(self, sample: Sample) -> tuple[list[int], list[int]]:
         """(input ids, labels) of a sample; memoised, since a stage revisits its samples every epoch
         and tokenising was ~5% of a tiny model's step."""
-        key = (sample.question, sample.answer, self.prefix_tokens)
-        hit = self._ids.get(key)
-        if hit is not None:
-            self._ids.move_to_end(key)
-            return hit
-        out = self._train_ids(sample)
-        self._ids[key] = out
-        if len(self._ids) > self.image_cache_size:
-            self._ids.popitem(last=False)
-        return out
+        return self._memo(self._ids, (sample.question, sample.answer, self.prefix_tokens), lambda: self._train_ids(sample))
 
     def _train_ids(self, sample: Sample) -> tuple[list[int], list[int]]:
         prompt = self.prompt_ids(sample)

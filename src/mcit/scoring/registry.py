@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import mcit.scoring.simple as simple
 from mcit.errors import McitError
-from mcit.scoring import simple
 from mcit.scoring.caption import CAPTION_METRICS, TOKENIZERS, evaluate_captions
 from mcit.scoring.vqa import vqa_accuracy, vqa_accuracy_evalai
 

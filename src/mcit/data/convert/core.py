@@ -185,9 +185,6 @@ def register(conv: Converter) -> Converter:
 
 
 def get_converter(name: str) -> Converter:
-    from mcit.data.convert import _load_builtin
-
-    _load_builtin()
     if name not in REGISTRY:
         raise McitError(f"unknown dataset {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
