@@ -195,3 +195,17 @@ def test_projector_lr_sets_the_projectors_group_beside_lora(tmp_path):
     moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in named}
     assert all(v > 0 for n, v in moved.items() if "multi_modal_projector" in n)
     assert torch.isfinite(torch.tensor(list(moved.values()))).all()
+
+
+def test_config_hash_survives_options_added_at_their_defaults():
+    """Run directories made before `mixed_precision` and `eval.merge_lora` existed still resume:
+    the shipped seqft config hashes as it did then (12 hex digits recorded in a run of that time);
+    setting either option is a different run."""
+    from mcit.config import load_config
+    from mcit.runner import config_hash
+    from tests.test_start import SYNTH_CONFIGS
+
+    seqft = SYNTH_CONFIGS / "seqft.yaml"
+    assert config_hash(load_config(seqft)) == "92e0da393ccf"
+    assert config_hash(load_config(seqft, ["mixed_precision=bf16"])) != "92e0da393ccf"
+    assert config_hash(load_config(seqft, ["eval.merge_lora=true"])) != "92e0da393ccf"

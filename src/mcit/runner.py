@@ -60,6 +60,12 @@ def config_hash(cfg: RunConfig) -> str:
     for key in ("threads", "trackers", "log_every", "html_report"):  # how fast or how logged, not what
         data.pop(key, None)
     data["benchmark"].pop("image_check", None)  # how carefully inputs are checked, not what
+    # options added after runs were made: at their defaults (the behaviour before they existed)
+    # they are not hashed, so those run directories still resume
+    if data.get("mixed_precision") == "no":
+        data.pop("mixed_precision")
+    if data["eval"].get("merge_lora") is False:
+        data["eval"].pop("merge_lora")
     if cfg.model.kind == "start":  # a rebuilt start is another start: a run must not resume across it
         from mcit.models.start import start_digest
 
