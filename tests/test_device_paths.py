@@ -22,6 +22,7 @@ class _TwoRanks(SingleProcess):
         self.events: list[str] = []
 
     def reduce(self, tensor, op):
+        assert op == "sum"
         return tensor * 2
 
     @contextmanager
@@ -30,6 +31,7 @@ class _TwoRanks(SingleProcess):
         yield
 
     def no_sync(self, model):
+        self.synced_model = model
         return self._quiet()
 
     def backward(self, loss):
@@ -47,7 +49,7 @@ def test_gradient_accumulation_syncs_once_per_step(tmp_path):
                            accel, seed=0)
     trainer.step()
     # micro-batches 1-3 accumulate locally; the 4th backward all-reduces the accumulated gradient
-    assert accel.events == ["no_sync", "backward"] * 3 + ["backward"]
+    assert accel.events == ["no_sync", "backward"] * 3 + ["backward"] and accel.synced_model is model
     accel.events.clear()
     StageTrainer(model, enc, samples, OptimConfig(steps=2, batch_size=8, grad_accum=1, warmup_ratio=0.0),
                  accel, seed=0).step()
@@ -232,3 +234,35 @@ def test_merge_lora_in_a_run_changes_no_result(smoke_cfg, tmp_path):
     ckpt = "checkpoints/stage_02_count/trainable.safetensors"
     a, b = load_file(str(tmp_path / "plain" / ckpt)), load_file(str(tmp_path / "merged" / ckpt))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_process_weights_its_loss_by_its_share_of_answer_tokens(tmp_path):
+    """Rank 0 of two, its peer holding as many answer tokens: the loss it back-propagates is its own
+    mean (tokens x 2 / (2 x tokens) = 1), so DDP's average is the global token mean."""
+    from tests.conftest import make_tiny
+    from tests.test_train_loop import _four_colours
+
+    losses = {}
+    for name, accel, batch in (("two", _TwoRanks(), 4), ("one", SingleProcess("cpu"), 2)):
+        torch.manual_seed(0)
+        model, _, enc, _ = make_tiny(tmp_path)
+        samples = _four_colours(tmp_path)
+        trainer = StageTrainer(model, enc, samples, OptimConfig(steps=1, batch_size=batch, warmup_ratio=0.0), accel,
+                               seed=0)
+        if name == "one":  # rank 0's share of the two-process batch: every other sample of it
+            two_batch = next(StageTrainer(model, enc, samples, OptimConfig(batch_size=4), SingleProcess("cpu"),
+                                          seed=0).batches)
+            trainer.batches = iter([two_batch[0::2]])
+        losses[name] = trainer.step().item()
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-6)
+
+    class Uneven(_TwoRanks):
+        def reduce(self, tensor, op):  # the peer holds three times as many answer tokens
+            return tensor * 4
+
+    torch.manual_seed(0)
+    model, _, enc, _ = make_tiny(tmp_path)
+    trainer = StageTrainer(model, enc, _four_colours(tmp_path), OptimConfig(steps=1, batch_size=4, warmup_ratio=0.0),
+                           Uneven(), seed=0)
+    assert trainer.step().item() == pytest.approx(losses["one"] * 2 / 4, rel=1e-6)  # tokens x world / total
+

@@ -91,9 +91,10 @@ def test_accepts_ints_and_numpy():
         ([[1.0], [float("nan")]], "row 1 (after task 1), column 1"),
         ([[float("inf")], [1.0]], "row 0 (zero-shot), column 1"),
         ([[1.0], [None]], "is not a number"),
+        ([[1.0, 2.0], [1.0, None], [3.0, 4.0]], "row 1 (after task 1), column 2: None is not a number"),
         ([[1.0], ["abc"]], "is not a number"),
         ([[1.0], 5.0], "row 1"),
-        (5, "list of rows"),
+        (5, "accuracy matrix must be a list of rows, got int"),
     ],
 )
 def test_bad_matrices_raise_naming_the_row(matrix, fragment):
@@ -107,7 +108,7 @@ def test_bad_matrices_raise_naming_the_row(matrix, fragment):
     [
         ([1, 2], "expected one per task (3)"),
         ([1, -1, 2], "must be a finite number >= 0"),
-        ([0, 0, 0], "must not all be zero"),
+        ([0, 0, 0], "test_sizes must not all be zero"),
         ([1, "x", 2], "is not a number"),
     ],
 )
@@ -155,3 +156,52 @@ def test_constant_columns_mean_no_forgetting(matrix):
     if t > 1:
         assert out["BWT"] == 0.0
         assert out["forgetting"] == 0.0
+
+
+def test_numpy_float32_scalars_are_read_as_numbers():
+    import numpy as np
+
+    as32 = [[np.float32(v) for v in row] for row in MATRIX]  # not float subclasses, unlike float64
+    assert continual_metrics(as32) == pytest.approx(continual_metrics(MATRIX))
+
+
+def test_metrics_for_decides_by_walk_and_shape():
+    from mcit.metrics import metrics_for
+
+    # a one-task joint run has T + 1 = 2 rows, like a sequential one: still final-row metrics only
+    joint = metrics_for([[10.0], [70.0]], [4], "joint")
+    assert joint["MFN"] == 70.0 and joint["FAA_weighted"] == 70.0 and joint["MFT"] is None and joint["BWT"] is None
+    # a sequential run cut short (fewer rows than T + 1): no stream metrics either
+    short = metrics_for([[10.0, 20.0], [80.0, 40.0]], [1, 3], "sequential")
+    assert short["MFT"] is None and short["MFN"] == 60.0 and short["FAA_weighted"] == 0.25 * 80 + 0.75 * 40
+    # no test samples at all: FAA_weighted undefined, MFN still the plain mean
+    empty = metrics_for([[10.0, 20.0], [80.0, 40.0]], [0, 0], "joint")
+    assert empty["FAA_weighted"] is None and empty["MFN"] == 60.0
+
+
+def test_general_metrics_known_answer():
+    from mcit.metrics import GENERAL_METRIC_NAMES, general_metrics
+
+    out = general_metrics([[50.0, 70.0], [30.0, 40.0], [45.0, 55.0]])
+    assert out == {"start": 60.0, "final": 50.0, "change": -10.0, "lowest": 35.0}
+    assert general_metrics([[], []]) == dict.fromkeys(GENERAL_METRIC_NAMES)
+    assert general_metrics([[10.0], [20.0]])["lowest"] == 10.0
+
+
+def test_prediction_spread_known_answer():
+    from mcit.metrics import prediction_spread
+
+    refs = [["red"], ["blue"], ["red"], ["green"], ["Red "]]
+    out = prediction_spread([" Red", "red", "RED ", "red", "blue"], refs)
+    assert out == {"top": "red", "top_share": 0.8, "distinct": 2, "reference_top_share": 0.6, "collapsed": False}
+    collapsed = prediction_spread(["red"] * 10, [["red"], ["blue"]] * 5)
+    assert collapsed["collapsed"] and collapsed["top_share"] == 1.0 and collapsed["reference_top_share"] == 0.5
+    # one answer everywhere is no collapse when the references are the same everywhere too
+    assert not prediction_spread(["yes"] * 10, [["yes"]] * 10)["collapsed"]
+    assert prediction_spread(["a"] * 19 + ["b"], [["a"], ["b"]] * 10)["collapsed"]  # 95% > 90%
+    assert not prediction_spread(["a"] * 9 + ["b"], [["a"], ["b"]] * 5)["collapsed"]  # 90% is not above 90%
+    assert prediction_spread(["x"], [[]])["reference_top_share"] is None
+    # references 90% one answer (not above the threshold): one answer everywhere still flags
+    assert prediction_spread(["a"] * 10, [["a"]] * 9 + [["b"]])["collapsed"]
+    assert prediction_spread([], []) == {"top": None, "top_share": None, "distinct": 0,
+                                         "reference_top_share": None, "collapsed": False}

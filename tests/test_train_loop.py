@@ -35,6 +35,15 @@ def test_schedules_at_known_steps():
     assert linear[:3] == [0.5, 1.0, 1.0] and linear[6] == pytest.approx(0.5) and linear[10] == pytest.approx(0.0)
     assert _factors("constant", 10, 0.2)[2:] == [1.0] * 9
     assert _factors("cosine", 4, 0.0)[:5] == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0])
+    assert linear[4] == pytest.approx(0.75) and cosine[4] != pytest.approx(0.75)  # off the midpoint they differ
+    assert _factors("cosine", 2, 0.5) == pytest.approx([1.0, 1.0, 0.0])  # one decay step after one warmup step
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = make_scheduler(opt, "cosine", 4, 0.0)
+    for _ in range(6):  # stepped past its end, the schedule stays at 0
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(0.0)
 
 
 def test_index_stream_shuffles_every_epoch_and_draws_by_weight():
@@ -49,15 +58,23 @@ def test_index_stream_shuffles_every_epoch_and_draws_by_weight():
     draws = next(weighted)
     assert 2 not in draws and 0.65 < draws.count(1) / 500 < 0.85  # about 3/4 from the weight-3 sample
     assert next(index_stream(3, 4, torch.Generator().manual_seed(2), torch.tensor([0.0, 0.0, 1.0]))) == [2, 2, 2, 2]
+    # weighted draws come from the stream's own generator: the same seed gives the same draws
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    a, b = (index_stream(4, 50, torch.Generator().manual_seed(9), w) for _ in range(2))
+    torch.manual_seed(1)
+    first = next(a)
+    torch.manual_seed(2)
+    assert next(b) == first
 
 
 class _Recorder:
     """A method whose only hook records the gradients the step is about to apply."""
 
     def __init__(self):
-        self.grads = None
+        self.grads, self.seen = None, []
 
     def extra_loss(self, batch, outputs, ctx):
+        self.seen.append((batch["input_ids"].shape[0], [s.id for s in ctx.batch_samples]))
         return None
 
     def before_step(self, ctx):
@@ -77,22 +94,88 @@ def _equal_length_samples(tmp_path):
                    ["x"], task="a") for i in range(4)]
 
 
+def _four_colours(tmp_path):
+    """Four samples, four images, answers of one token each: no half of a batch averages like the whole."""
+    colours = {"red": (200, 10, 10), "blue": (10, 10, 200), "green": (10, 200, 10), "black": (0, 0, 0)}
+    out = []
+    for i, (name, rgb) in enumerate(colours.items()):
+        Image.new("RGB", (48, 48), rgb).save(tmp_path / f"{name}.png")
+        out.append(Sample(str(i), tmp_path / f"{name}.png", "what color?", name, [name], task="a"))
+    return out
+
+
 def test_grad_accum_two_gives_the_gradient_of_one(tmp_path):
     from tests.conftest import make_tiny
 
-    grads = {}
+    grads, losses, seen = {}, {}, {}
     for accum in (1, 2):
         torch.manual_seed(0)
         model, _, enc, _ = make_tiny(tmp_path)
-        samples = _equal_length_samples(tmp_path)  # the same answer length: micro-batch means average exactly
+        samples = _four_colours(tmp_path)  # the same answer length: micro-batch means average exactly
         rec = _Recorder()
         optim = OptimConfig(steps=1, batch_size=4, lr=1e-3, grad_accum=accum, warmup_ratio=0.0)
         trainer = StageTrainer(model, enc, samples, optim, SingleProcess("cpu"), seed=0, method=rec, ctx=_Ctx(model))
-        trainer.step()
-        grads[accum] = rec.grads
+        losses[accum] = trainer.step().item()
+        grads[accum], seen[accum] = rec.grads, rec.seen
+        assert all(p.grad is None for p in model.parameters())  # cleared for the next step (methods test for None)
     assert grads[1].keys() == grads[2].keys() and len(grads[1]) > 5
     for name, g in grads[1].items():
         torch.testing.assert_close(grads[2][name], g, rtol=1e-4, atol=1e-7)
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)  # the step's loss: the mean over micro-batches
+    # each micro-batch is its own half of the batch, and the method sees exactly those samples
+    assert [n for n, _ in seen[1]] == [4] and [n for n, _ in seen[2]] == [2, 2]
+    assert sorted(seen[2][0][1] + seen[2][1][1]) == sorted(seen[1][0][1]) == ["0", "1", "2", "3"]
+
+
+def test_a_methods_extra_loss_is_added_to_the_task_loss(tmp_path):
+    """extra_loss = sum of one bias + 2.5: its gradient is the task's plus one; the loss reported includes it."""
+    from tests.conftest import make_tiny
+
+    out = {}
+    for with_extra in (False, True):
+        torch.manual_seed(0)
+        model, _, enc, _ = make_tiny(tmp_path)
+        bias = next(p for n, p in model.named_parameters() if n.endswith("multi_modal_projector.linear_1.bias"))
+
+        class Extra(_Recorder):
+            def __init__(self, term):
+                super().__init__()
+                self.term = term
+
+            def extra_loss(self, batch, outputs, ctx):
+                return None if self.term is None else self.term.sum() + 2.5
+
+        rec = Extra(bias if with_extra else None)
+        trainer = StageTrainer(model, enc, _four_colours(tmp_path), OptimConfig(steps=1, batch_size=4, warmup_ratio=0.0),
+                               SingleProcess("cpu"), seed=0, method=rec, ctx=_Ctx(model))
+        name = next(n for n, p in model.named_parameters() if p is bias)
+        before = float(bias.detach().sum())
+        out[with_extra] = (trainer.step().item(), rec.grads[name], before)
+    (plain_loss, plain_grad, _), (loss, grad, bias_sum) = out[False], out[True]
+    torch.testing.assert_close(grad, plain_grad + 1.0)
+    assert loss == pytest.approx(plain_loss + bias_sum + 2.5, rel=1e-6)
+
+
+def test_trainer_settings_reach_the_optimizer_and_the_stream(tmp_path):
+    from mcit.errors import McitError
+    from tests.conftest import make_tiny
+
+    model, _, enc, _ = make_tiny(tmp_path)
+    samples = _four_colours(tmp_path)
+    optim = OptimConfig(steps=40, batch_size=4, lr=1e-2, weight_decay=0.1, warmup_ratio=0.0)
+    trainer = StageTrainer(model, enc, samples, optim, SingleProcess("cpu"), seed=0, steps=3)
+    assert trainer.steps == 3 and trainer.optimizer.param_groups[0]["weight_decay"] == 0.1
+    trainer.run_steps(3)
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0)  # the cosine ends at the stage's 3 steps
+    weighted = StageTrainer(model, enc, samples, optim, SingleProcess("cpu"), seed=0,
+                            weights=torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert next(weighted.batches) == [2, 2, 2, 2]
+    with pytest.raises(McitError, match=r"train batch_size 3 must be divisible by processes x grad_accum \(1 x 2\)"):
+        StageTrainer(model, enc, samples, OptimConfig(batch_size=3, grad_accum=2), SingleProcess("cpu"), seed=0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(McitError, match="no trainable parameters: check model.tuning"):
+        StageTrainer(model, enc, samples, optim, SingleProcess("cpu"), seed=0)
 
 
 def test_training_reaches_a_known_accuracy(tmp_path):
