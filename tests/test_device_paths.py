@@ -103,6 +103,8 @@ def test_mixed_precision_is_a_config_choice(smoke_cfg):
     assert smoke_cfg("mixed_precision=bf16").mixed_precision == "bf16"
     with pytest.raises(ConfigError, match="mixed_precision"):
         smoke_cfg("mixed_precision=fp16")
+    with pytest.raises(ConfigError, match="eval.merge_lora folds the LoRA into float32 weights"):
+        smoke_cfg("mixed_precision=bf16", "eval.merge_lora=true")
 
 
 def test_losses_stay_on_the_device_until_a_read_point(tmp_path, monkeypatch):
@@ -123,6 +125,20 @@ def test_losses_stay_on_the_device_until_a_read_point(tmp_path, monkeypatch):
     stats = train_stage(model, enc, samples, OptimConfig(steps=23, batch_size=4), SingleProcess("cpu"), seed=0,
                         show_progress=False)
     assert reads == [10, 10, 3] and len(stats.losses) == 23  # read every READ_EVERY steps and at the end
+
+    class Logging(SingleProcess):
+        def __init__(self):
+            super().__init__("cpu")
+            self.logged = []
+
+        def log(self, values, step):
+            self.logged.append(step)
+
+    reads.clear()
+    accel = Logging()
+    train_stage(model, enc, samples, OptimConfig(steps=23, batch_size=4), accel, seed=0, show_progress=False,
+                log=(100, 7))
+    assert reads == [7, 3, 4, 6, 1, 2] and accel.logged == [107, 114, 121]  # every 10 steps and at each log step
 
     class _NanAt:
         def extra_loss(self, batch, outputs, ctx):
@@ -218,6 +234,9 @@ def test_merged_lora_leaves_expert_banks_alone(tmp_path):
     with merged_lora(model) as merged:
         assert not merged
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    plain = apply_tuning(make_tiny(tmp_path)[0], "lora", LoraConfig(r=2), train_projector=False).to(torch.bfloat16)
+    with merged_lora(plain) as merged:
+        assert not merged  # bf16 weights would lose a small update's bits: left unmerged
 
 
 def test_merge_lora_in_a_run_changes_no_result(smoke_cfg, tmp_path):
@@ -266,3 +285,11 @@ def test_each_process_weights_its_loss_by_its_share_of_answer_tokens(tmp_path):
                            Uneven(), seed=0)
     assert trainer.step().item() == pytest.approx(losses["one"] * 2 / 4, rel=1e-6)  # tokens x world / total
 
+
+
+def test_framework_benchmark_refuses_what_the_bare_loop_does_not_do(smoke_cfg):
+    from mcit.bench import framework
+    from mcit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.grad_accum: the bare loop takes one batch per step"):
+        framework(smoke_cfg("train.grad_accum=2"), ["replay"], show_progress=False)

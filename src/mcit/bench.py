@@ -33,10 +33,11 @@ from mcit.progress import progress_bar
 class BareLoop:
     """The training step a user writes by hand, on the index stream mcit's trainer draws."""
 
-    def __init__(self, model, encoder, samples, optim, device, seed: int, steps: int):
+    def __init__(self, model, encoder, samples, optim, device, seed: int, steps: int, mixed_precision: str = "no"):
         from mcit.train import index_stream, make_scheduler
 
         self.model, self.encoder, self.samples, self.optim, self.device = model, encoder, samples, optim, device
+        self.mixed_precision = mixed_precision
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, optim.schedule, steps, optim.warmup_ratio)
@@ -48,8 +49,11 @@ class BareLoop:
             self.step()
 
     def step(self) -> torch.Tensor:
+        from mcit.train import autocast
+
         batch = self.encoder.train_batch([self.samples[i] for i in next(self.batches)])
-        loss = self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
+        with autocast(self.device, self.mixed_precision):
+            loss = self.model(**{k: v.to(self.device) for k, v in batch.items()}).loss
         loss.backward()
         if self.optim.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.optim.max_grad_norm)
@@ -144,7 +148,7 @@ class _Setup:
         seed = self.cfg.seed * 1000 + 2  # the stage seed begin_stage gives task 2
         lane = _Lane("bare", None, ctx)
         lane.trainer = BareLoop(model, encoder, self.train[self.second], self.cfg.train, self.device, seed,
-                                self.cfg.train.steps)
+                                self.cfg.train.steps, self.cfg.mixed_precision)
         lane.trainer.run_steps(chunk)
         return lane
 
@@ -287,15 +291,17 @@ def framework(cfg, methods: list[str], steps: int = 100, chunk: int = 5, warm_st
     _check_methods(names)
     if steps < chunk:
         raise ConfigError(f"--steps {steps} must be at least the chunk size {chunk}")
+    if cfg.train.grad_accum != 1:
+        raise ConfigError("train.grad_accum: the bare loop takes one batch per step; benchmark with grad_accum 1")
     setup = _Setup(cfg, show_progress)
-    lanes = [setup.bare_lane(chunk)] + [setup.method_lane(name, warm_steps, chunk) for name in names]
-    timed = _interleave(lanes, steps, chunk, setup.device, show_progress)
-
-    seqft = lanes[1]
     eval_task = eval_task or setup.second
     if eval_task not in setup.bench.tasks:
         raise ConfigError(f"--eval-task: benchmark {setup.bench.name!r} has no task {eval_task!r}; "
                           f"available: {', '.join(setup.bench.tasks)}")
+    lanes = [setup.bare_lane(chunk)] + [setup.method_lane(name, warm_steps, chunk) for name in names]
+    timed = _interleave(lanes, steps, chunk, setup.device, show_progress)
+
+    seqft = lanes[1]
     spec = setup.bench.task(eval_task)
     test = spec.load("test", setup.bench.image_root)[: min(eval_samples, cfg.benchmark.max_test or eval_samples)]
     evaluation = _time_evaluation(seqft.ctx.unwrapped, seqft.trainer.encoder, test, cfg.eval.batch_size,

@@ -185,8 +185,9 @@ class BaseTrainingConfig(OptimConfig):
 class EvalConfig(Strict):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(24, ge=1)  # a task's own max_new_tokens, if set, wins
-    # evaluate with a plain LoRA folded into the weights (restored exactly after each row): fewer
-    # matmuls per layer; predictions may differ from the unmerged model's in the last float bits
+    # evaluate with a plain LoRA folded into float32 weights (restored exactly after each row):
+    # fewer matmuls per layer; predictions may differ from the unmerged model's in the last float
+    # bits. Not with mixed_precision bf16 (the folded weight would be cast to bf16 whole).
     merge_lora: bool = False
 
 
@@ -228,6 +229,13 @@ class RunConfig(Strict):
         except ValidationError as e:
             raise ValueError(format_validation_error(e, prefix="method.", model=options_model, default=None)) from None
         self.__dict__["method"] = {"name": name, **options.model_dump(mode="json")}
+        return self
+
+    @model_validator(mode="after")
+    def _merge_in_float32(self):
+        if self.eval.merge_lora and (self.mixed_precision != "no" or self.model.dtype != "float32"):
+            raise ValueError("eval.merge_lora folds the LoRA into float32 weights; it cannot be combined with "
+                             f"mixed_precision {self.mixed_precision!r} / model.dtype {self.model.dtype!r}")
         return self
 
 

@@ -94,7 +94,8 @@ class StageStats:
 
 
 # Losses stay on the device between read-backs (a read is a host sync on a GPU): every this
-# many steps, at a tracker's logging step and at the end of a stage.
+# many steps, at each tracker logging step and at the end of a stage. On a GPU the step times
+# of a block between read-backs are its mean (a step alone returns before the device is done).
 READ_EVERY = 10
 
 
@@ -232,25 +233,31 @@ def train_stage(
     trainer = StageTrainer(model, encoder, samples, optim, accelerator, seed, method, ctx, weights, steps, desc)
     model.train()
     start = time.perf_counter()
-    every = log[1] if log is not None else READ_EVERY
     pending: list[torch.Tensor] = []
+    queued_only = torch.device(accelerator.device).type == "cuda"  # a step returns before the device ends it
+    block_start = time.perf_counter()
     with progress_bar(desc, total=steps, enabled=show_progress and accelerator.is_main_process) as bar:
         for _ in range(steps):
             t0 = time.perf_counter()
             pending.append(trainer.step())
             stats.step_ms.append((time.perf_counter() - t0) * 1000)
-            if trainer.done % every and trainer.done < steps:
+            logged = log is not None and trainer.done % log[1] == 0
+            if trainer.done % READ_EVERY and not logged and trainer.done < steps:
                 bar.advance()
                 continue
             # a read-back point: the losses since the last one, checked, shown and logged
             read = torch.stack(pending).tolist()
+            if queued_only:  # the read waited for the device: time the block, not the queueing
+                block_ms = (time.perf_counter() - block_start) * 1000 / len(read)
+                stats.step_ms[-len(read):] = [block_ms] * len(read)
             check_losses(read, trainer.done - len(read) + 1, desc)
             stats.losses.extend(read)
             pending = []
-            if log is not None and trainer.done % log[1] == 0:  # (global step offset, every): to the trackers
+            if logged:  # (global step offset, every): to the trackers
                 accelerator.log({"train/loss": read[-1], "train/lr": trainer.scheduler.get_last_lr()[0]},
                                 step=log[0] + trainer.done)
             bar.advance(loss=read[-1])
+            block_start = time.perf_counter()
     stats.steps = steps
     stats.seconds = time.perf_counter() - start
     model.eval()

@@ -138,7 +138,7 @@ class EProj(Method):
         scores = key_scores(image_q, text_q, self.bank.image_keys[: self.n_used], self.bank.text_keys[: self.n_used])
         choice = scores.argmax(-1)
         self.bank.route = choice
-        return routed_to(choice, [self.expert_of.get(t, -1) for t in ctx.tasks])
+        return None if ctx is None else routed_to(choice, [self.expert_of.get(t, -1) for t in ctx.tasks])
 
     def report(self) -> dict:
         return {

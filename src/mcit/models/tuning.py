@@ -112,15 +112,18 @@ def load_trainable_state(model, tensors: dict) -> None:
 @contextlib.contextmanager
 def merged_lora(model):
     """Inference with each LoRA update folded into its base weight (one matmul per layer instead of
-    three), the weights restored bit for bit afterwards; yields whether it merged. It merges only a
-    plain single-adapter LoRA (PEFT's ``default``, enabled): expert banks with several adapters or
-    their own forward hooks are left as they are (yields False)."""
+    three), the weights restored bit for bit afterwards (from a copy in host memory); yields whether
+    it merged. It merges only a plain single-adapter LoRA (PEFT's ``default``, enabled) on float32
+    base weights: expert banks with several adapters or their own forward hooks, and bf16/fp16
+    weights, are left as they are (yields False)."""
     import torch
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    # float32 base weights only: folded into bf16/fp16 weights, a small update would lose its bits
     plain = layers and all(set(m.lora_A) == {"default"} and m.active_adapters == ["default"]
-                           and not m.disable_adapters and not m.merged for m in layers)
+                           and not m.disable_adapters and not m.merged
+                           and m.get_base_layer().weight.dtype == torch.float32 for m in layers)
     if not plain:
         yield False
         return
@@ -129,7 +132,7 @@ def merged_lora(model):
         with torch.no_grad():
             for m in layers:
                 weight = m.get_base_layer().weight
-                saved.append((m, weight, weight.detach().clone()))
+                saved.append((m, weight, weight.detach().to("cpu", copy=True)))  # host memory, not the GPU's
                 weight += m.get_delta_weight("default").to(weight.dtype)
                 m._disable_adapters = True  # the base layer alone now computes W + BA·scaling
         yield True
