@@ -230,7 +230,7 @@ def _time_evaluation(model, encoder, samples, batch_size: int, max_new: int, dev
     evaluator (and, for a plain LoRA, the batched evaluator with the LoRA merged: ``eval.merge_lora``),
     ``rounds`` passes each in rotated order; their predictions must agree."""
     from mcit.evaluate import generate
-    from mcit.models.tuning import merged_lora
+    from mcit.models.tuning import mergeable_lora_layers, merged_lora
 
     def merged():
         with merged_lora(model):
@@ -240,8 +240,7 @@ def _time_evaluation(model, encoder, samples, batch_size: int, max_new: int, dev
         "per_sample": lambda: generate(model, encoder, samples, 1, max_new, device, sort_by_length=False),
         "batched": lambda: generate(model, encoder, samples, batch_size, max_new, device),
     }
-    with merged_lora(model) as mergeable:
-        pass
+    mergeable = bool(mergeable_lora_layers(model))
     if mergeable:
         runs["batched_merged"] = merged
     seconds = {k: [] for k in runs}

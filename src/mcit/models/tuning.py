@@ -109,6 +109,20 @@ def load_trainable_state(model, tensors: dict) -> None:
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
+def mergeable_lora_layers(model) -> list:
+    """The LoRA layers :func:`merged_lora` would fold, or [] when it would leave the model as it is:
+    only a plain single-adapter LoRA (PEFT's ``default``, enabled) on float32 base weights (folded
+    into bf16/fp16 weights, a small update would lose its low bits)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    plain = all(set(m.lora_A) == {"default"} and m.active_adapters == ["default"]
+                and not m.disable_adapters and not m.merged
+                and m.get_base_layer().weight.dtype == torch.float32 for m in layers)
+    return layers if plain else []
+
+
 @contextlib.contextmanager
 def merged_lora(model):
     """Inference with each LoRA update folded into its base weight (one matmul per layer instead of
@@ -117,14 +131,9 @@ def merged_lora(model):
     base weights: expert banks with several adapters or their own forward hooks, and bf16/fp16
     weights, are left as they are (yields False)."""
     import torch
-    from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    # float32 base weights only: folded into bf16/fp16 weights, a small update would lose its bits
-    plain = layers and all(set(m.lora_A) == {"default"} and m.active_adapters == ["default"]
-                           and not m.disable_adapters and not m.merged
-                           and m.get_base_layer().weight.dtype == torch.float32 for m in layers)
-    if not plain:
+    layers = mergeable_lora_layers(model)
+    if not layers:
         yield False
         return
     saved = []
