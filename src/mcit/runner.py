@@ -37,6 +37,7 @@ from mcit.config import RunConfig, dump_config
 from mcit.errors import McitError
 from mcit.evaluate import evaluate_task
 from mcit.flips import flip_counts
+from mcit.methods.routing import RoutingTally
 from mcit.metrics import prediction_spread
 from mcit.models.tuning import load_trainable_state, merged_lora, trainable_state
 from mcit.progress import console
@@ -316,21 +317,22 @@ class Run:
         state.setdefault("scorer_info", {}).update({e.task: e.info for e in evals if e.info})
         row = str(len(state["rows"]) - 1)
         learned = self.tasks[: len(state["rows"]) - 1]  # row r follows the training of the first r tasks
+        tally = RoutingTally()
+        tally.load(state.get("routing", {}))
         for e in evals:
             if e.routed is not None and e.task in learned:  # routing to the task's own parameters
                 own = self.tasks.index(e.task)
-                correct = sum(bool(r[own]) for r in e.routed)
-                state.setdefault("routing", {}).setdefault(row, {})[e.task] = [correct, len(e.routed)]
+                tally.add(int(row), e.task, sum(bool(r[own]) for r in e.routed), len(e.routed))
             for key, value in (e.summary or {}).items():
                 state.setdefault("eval_summaries", {}).setdefault(key, {}).setdefault(row, {})[e.task] = value
+        if tally.cells:
+            state["routing"] = tally.cells
 
     @staticmethod
     def _method_report(state: dict, method) -> dict:
         """The method's own report, with what evaluation observed of it: routing accuracy per row
         and task (percent of a task's test samples routed to its parameters) and the method's
         per-task evaluation summaries."""
-        from mcit.methods.routing import RoutingTally
-
         report = dict(method.report())
         if method.task_id_at_test:
             report["task_id_at_test"] = True
