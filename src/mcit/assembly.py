@@ -15,6 +15,7 @@ from mcit.data.benchmark import Benchmark, load_benchmark
 from mcit.errors import ConfigError, McitError
 from mcit.methods import TaskContext, get_method
 from mcit.models.encode import Encoder, num_image_tokens
+from mcit.models.families import family_of
 from mcit.models.load import prompt_template, starting_model, text_budget
 from mcit.models.tuning import apply_tuning
 from mcit.progress import console
@@ -156,7 +157,8 @@ def prepare_model(cfg: RunConfig, bench: Benchmark, cache_dir: Path, accelerator
     """The starting model with its tuning mode applied, its encoder, and the methods' context."""
     with accelerator.main_process_first():  # the main process builds and caches a tiny base; the others load it
         model, processor = starting_model(cfg, bench, cache_dir, accelerator, show_progress and accelerator.is_main_process)
-    encoder = Encoder(processor, prompt_template(cfg, processor), text_budget(cfg, model, num_image_tokens(processor)))
+    encoder = Encoder(processor, prompt_template(cfg, processor), text_budget(cfg, model, num_image_tokens(processor)),
+                      placeholder=family_of(model).placeholder)
     seed_everything(cfg.seed)  # adapters (LoRA) initialise from the global RNG: make it the run's seed
     model = apply_tuning(model, cfg.model.tuning, cfg.model.lora, cfg.model.train_projector).to(accelerator.device)
     ctx = TaskContext(model, accelerator, cfg, tasks, train, seed=cfg.seed, encoder=encoder, benchmark=bench,

@@ -18,7 +18,7 @@ import torch
 from mcit.data.format import Sample
 from mcit.errors import McitError
 from mcit.models.encode import IGNORE_INDEX
-from mcit.models.tuning import PROJECTOR
+from mcit.models.families import is_projector
 from mcit.progress import progress_bar
 
 
@@ -63,8 +63,8 @@ def param_groups(named: list[tuple[str, torch.nn.Parameter]], optim) -> list[dic
     projector = getattr(optim, "projector_lr", None)
     if projector is None or not any("lora_" in n for n, _ in named):
         return [{"params": [p for _, p in named]}]
-    slow = [p for n, p in named if PROJECTOR in n and "lora_" not in n]
-    rest = [p for n, p in named if not (PROJECTOR in n and "lora_" not in n)]
+    slow = [p for n, p in named if is_projector(n) and "lora_" not in n]
+    rest = [p for n, p in named if not (is_projector(n) and "lora_" not in n)]
     return [g for g in ({"params": rest}, {"params": slow, "lr": projector}) if g["params"]]
 
 

@@ -149,10 +149,14 @@ class MRLoRA(Method):
         tokens, if any) and the finished task whose label's next token it rates highest wins."""
         self.bank.use(self.router)
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        # the image inputs as they are; per-token inputs (Qwen2-VL's mm_token_type_ids) follow the ids
+        rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
         if self.common:  # left-padded prompts: the shared tokens go at the end of every row
             extra = torch.tensor(self.common, dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
             ids, mask = torch.cat([ids, extra], 1), torch.cat([mask, torch.ones_like(extra)], 1)
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits[:, -1, :]
+            rest = {k: torch.cat([v, torch.zeros_like(extra)], 1) if k.endswith("token_type_ids") else v
+                    for k, v in rest.items()}
+        logits = model(input_ids=ids, attention_mask=mask, **rest).logits[:, -1, :]
         labels = self.label_tokens[: self.done].to(logits.device)
         return logits[:, labels].argmax(-1)
 

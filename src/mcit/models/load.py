@@ -42,17 +42,32 @@ def check_checkpoint_dir(path: Path) -> None:
 
 
 def load_pretrained(path: Path, dtype: str = "float32", gradient_checkpointing: bool = False):
+    """(model, processor) of a local checkpoint folder of any supported family (:mod:`families`):
+    LLaVA-1.5 through its own classes, the others through ``AutoModelForImageTextToText`` and the
+    family's processor."""
     import os
 
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from mcit.models.families import family_of_type, load_processor, read_model_type
 
     check_checkpoint_dir(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder only: never reach for the hub
+    model_type = read_model_type(path)
+    family = family_of_type(model_type)
     try:
-        processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"model.path: cannot load a LLaVA checkpoint from {path}: {e}") from None
+        if family.fixed_image_tokens:
+            from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+            processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+        else:
+            from transformers import AutoModelForImageTextToText
+
+            processor = load_processor(path, model_type)
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model.path: cannot load a {family.name} checkpoint from {path}: {e}") from None
+    except ImportError as e:  # e.g. SmolVLM's processor without num2words
+        raise ConfigError(f"model.path: the {family.name} processor needs a package: {e}") from None
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -78,7 +93,11 @@ def prompt_template(cfg, processor) -> str:
     sentinel = "\x00QUESTION\x00"
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sentinel}]}]
     try:
-        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        try:
+            text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        except AttributeError:  # an image-only processor whose template call reads its video settings (SmolVLM)
+            text = processor.tokenizer.apply_chat_template(conversation, chat_template=chat, add_generation_prompt=True,
+                                                           tokenize=False)
     except Exception as e:  # a template that cannot render one user turn: say so, let the user set it
         raise ConfigError(f"model.path: the processor's chat template cannot render a prompt ({e}); "
                           "set model.prompt_template") from None

@@ -25,19 +25,25 @@ def words_of(text: str) -> list[str]:
     return _WORD_RE.findall(text.replace(IMAGE_TOKEN, " ").lower())
 
 
-def build_word_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()):
+def build_word_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = (), specials: Iterable[str] = (),
+                         named: dict[str, str] | None = None):
     """A word-level fast tokenizer whose vocabulary is every word in ``texts``.
 
     Built offline (no hub download); lower-cases and splits punctuation, so decoding joins
-    words with single spaces ("a red circle ." rather than "a red circle.").
+    words with single spaces ("a red circle ." rather than "a red circle."). ``specials``: more
+    special tokens (another family's image tokens), kept whole; ``named``: the tokenizer's named
+    special tokens (default: ``image_token`` = ``<image>``).
     """
     from transformers import PreTrainedTokenizerFast
 
     vocab_words: set[str] = set(_BASE_WORDS) | {str(i) for i in range(101)}
     vocab_words.update(w.lower() for w in extra_words)
     for text in texts:
+        for special in specials:
+            text = text.replace(special, " ")
         vocab_words.update(words_of(text))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    specials = [t for t in specials if t not in SPECIAL_TOKENS]
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *specials])}
     for word in sorted(vocab_words):
         vocab.setdefault(word, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -49,8 +55,10 @@ def build_word_tokenizer(texts: Iterable[str], extra_words: Iterable[str] = ()):
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=named if named is not None else {"image_token": IMAGE_TOKEN},
     )
+    if specials:
+        tokenizer.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
     tokenizer.padding_side = "left"
     return tokenizer
 

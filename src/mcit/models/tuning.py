@@ -3,6 +3,9 @@
 - ``full``: the projector and the language model (the vision tower stays frozen, as in LLaVA).
 - ``lora``: PEFT LoRA adapters on the language model's linear layers only; all else frozen.
 - ``projector``: the vision-to-language projector only.
+
+Each family names its parts differently (:mod:`mcit.models.families`); the names here are those
+of the loaded model's family.
 """
 
 from __future__ import annotations
@@ -12,34 +15,43 @@ import re
 
 from mcit.errors import ConfigError
 
-LANGUAGE_MODEL = "language_model"
-PROJECTOR = "multi_modal_projector"
 VISION = "vision_tower"
 
 
 def llava_parts(model):
-    """(the LLaVA model without a PEFT wrapper, its vision tower, its input embedding)."""
-    from mcit.errors import McitError
+    """(the LLaVA model without a PEFT wrapper, its vision tower, its input embedding), for EProj,
+    which replaces the projector with experts routed per sample: LLaVA-1.5 checkpoints only (one
+    fixed-size image per sample reaches its projector as one row); any other family is refused in
+    one line."""
+    from mcit.models.families import family_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = family_of(base)
+    if not family.fixed_image_tokens:
+        raise ConfigError(
+            f"method.name: this method replaces the projector with experts routed per sample, which needs "
+            f"LLaVA-1.5's one row of image features per sample; a {family.name} checkpoint's projector sees a "
+            "batch's patches, tiles or crops at once, so it runs on LLaVA-1.5 checkpoints only")
     inner = getattr(base, "model", base)
-    tower = getattr(inner, "vision_tower", None) or getattr(base, VISION, None)
-    if tower is None:
-        raise McitError("expected a LLaVA model with a vision tower")
-    return base, tower, base.get_input_embeddings()
+    return base, getattr(inner, VISION), base.get_input_embeddings()
 
 
 def apply_tuning(model, mode: str, lora_cfg=None, train_projector: bool = False):
+    from mcit.models.families import family_of, is_projector, is_vision, lora_scope
+
+    family = family_of(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if mode == "full":
         for name, p in model.named_parameters():
-            if VISION not in name:
+            if not is_vision(name):
                 p.requires_grad_(True)
         return model
     if mode == "projector":
+        if family.projector is None:
+            raise ConfigError(f"model.tuning: a {family.name} checkpoint has no separate projector; use lora or full")
         for name, p in model.named_parameters():
-            if PROJECTOR in name:
+            if is_projector(name):
                 p.requires_grad_(True)
         return model
     if mode == "lora":
@@ -47,11 +59,12 @@ def apply_tuning(model, mode: str, lora_cfg=None, train_projector: bool = False)
 
         targets = "|".join(re.escape(m) for m in lora_cfg.target_modules)
         # A regex so that only the language model's layers get adapters, never the vision tower.
-        pattern = rf".*{LANGUAGE_MODEL}.*\.({targets})"
+        pattern = rf"{lora_scope(family)}\.({targets})"
         matched = [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
         if not matched:
             raise ConfigError(
-                f"model.lora.target_modules {lora_cfg.target_modules} match no module of the language model"
+                f"model.lora.target_modules {lora_cfg.target_modules} match no module of the {family.name} "
+                f"language model ({family.language_model})"
             )
         config = LoraConfig(
             r=lora_cfg.r,
@@ -63,7 +76,7 @@ def apply_tuning(model, mode: str, lora_cfg=None, train_projector: bool = False)
         model = get_peft_model(model, config)
         if train_projector:  # LLaVA-1.5's LoRA recipe trains the projector in full alongside the adapters
             for name, p in model.named_parameters():
-                if PROJECTOR in name and "lora_" not in name:
+                if is_projector(name) and "lora_" not in name:
                     p.requires_grad_(True)
         return model
     raise ConfigError(f"model.tuning: unknown mode {mode!r}; allowed: full, lora, projector")
