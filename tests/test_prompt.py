@@ -174,7 +174,7 @@ def test_exact_key_fit_keys_a_tasks_entries_to_its_queries_once(tmp_path):
     mine = m.entries_of["a"]
     assert mine == sorted(set(m.last_selection.flatten().tolist())) and m.keyed == mine
     gen = enc.generation_batch(samples)
-    q_image, q_text = m.queries(gen["input_ids"], gen["attention_mask"], gen["pixel_values"])
+    q_image, q_text = m.queries(gen["input_ids"], gen["attention_mask"], {"pixel_values": gen["pixel_values"]})
     for e in mine:
         torch.testing.assert_close(m.pool.text_keys[e], pull_keys(q_text, 2, 100))
         torch.testing.assert_close(m.pool.image_keys[e], pull_keys(q_image, 2, 100))
@@ -197,12 +197,22 @@ def test_a_training_query_leaves_the_answer_out(tmp_path):
     m, model, enc, samples, ctx = _prompted(tmp_path, pool_size=6, diversity=False)
     train, gen = enc.train_batch(samples), enc.generation_batch(samples)
     seen = []
-    m._queries = (lambda q: lambda *a, **kw: seen.append(q(*a, **kw)) or seen[-1])(m._queries)
+    original = m._queries
+
+    class Spy:  # records what the training forward's query returns; everything else as the original
+        def __getattr__(self, name):
+            return getattr(original, name)
+
+        def __call__(self, *a, **kw):
+            seen.append(original(*a, **kw))
+            return seen[-1]
+
+    m._queries = Spy()
     model(**train)
     _, text_train = seen[-1]
-    _, text_gen = m.queries(gen["input_ids"], gen["attention_mask"], gen["pixel_values"])
+    _, text_gen = m.queries(gen["input_ids"], gen["attention_mask"], {"pixel_values": gen["pixel_values"]})
     torch.testing.assert_close(text_train, text_gen)
-    _, with_answer = m._queries(train["input_ids"], train["attention_mask"], train["pixel_values"])
+    _, with_answer = m._queries(train["input_ids"], train["attention_mask"], {"pixel_values": train["pixel_values"]})
     assert not torch.allclose(with_answer, text_gen)
 
 
@@ -212,7 +222,7 @@ def test_selection_is_deterministic_for_a_seed(tmp_path):
         (tmp_path / str(len(picks))).mkdir()
         m, model, enc, samples, ctx = _prompted(tmp_path / str(len(picks)), seed=seed)
         batch = enc.generation_batch(samples)
-        q = m.queries(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        q = m.queries(batch["input_ids"], batch["attention_mask"], {"pixel_values": batch["pixel_values"]})
         picks.append((m.select(*q).tolist(), m.pool.prompts.detach().clone()))
     assert picks[0][0] == picks[1][0] and torch.equal(picks[0][1], picks[1][1])
     assert not torch.equal(picks[0][1], picks[2][1])
@@ -224,7 +234,7 @@ def test_batchwise_selection_gives_the_batch_its_most_selected_entries(tmp_path)
     assert m.batchwise(chosen).tolist() == [[1, 3]] * 5
     assert m.batchwise(torch.tensor([[4, 5], [2, 4]])).tolist() == [[2, 4]] * 2  # ties: the lower index
     gen = enc.generation_batch(samples)
-    own = m.select(*m.queries(gen["input_ids"], gen["attention_mask"], gen["pixel_values"]))
+    own = m.select(*m.queries(gen["input_ids"], gen["attention_mask"], {"pixel_values": gen["pixel_values"]}))
     model(**enc.train_batch(samples))  # training: the batch-wise selection
     assert torch.equal(m.last_selection, m.batchwise(own))
     with torch.no_grad():  # evaluation: each sample its own
@@ -235,7 +245,7 @@ def test_batchwise_selection_gives_the_batch_its_most_selected_entries(tmp_path)
 def test_diversified_selection_gives_a_new_task_unused_entries(tmp_path):
     m, model, enc, samples, ctx = _prompted(tmp_path, pool_size=6, batchwise=False)
     batch, gen = enc.train_batch(samples), enc.generation_batch(samples)
-    q = m.queries(gen["input_ids"], gen["attention_mask"], gen["pixel_values"])  # the training query too
+    q = m.queries(gen["input_ids"], gen["attention_mask"], {"pixel_values": gen["pixel_values"]})  # the training query too
     plain = m.select(*q)
     assert torch.equal(m.select(*q, diversify=True), plain)  # nothing used yet: the plain selection
     m.before_task("a", samples, ctx)

@@ -82,15 +82,15 @@ def sample_for_similarity(samples: list[Sample], n: int, seed: int, task: str) -
 
 @torch.no_grad()
 def image_features(model, encoder, samples: list[Sample], batch_size: int = 64) -> torch.Tensor:
-    """Pooled features of the model's frozen vision tower."""
-    from mcit.models.tuning import llava_parts
+    """Pooled features of the model's frozen vision tower (:class:`mcit.models.vision.VisionQuery`)."""
+    from mcit.models.vision import VisionQuery
 
-    _, tower, _ = llava_parts(model)
-    dtype, device = next(tower.parameters()).dtype, next(tower.parameters()).device
+    query = VisionQuery(model)
+    device = next(query.tower.parameters()).device
     out = []
     for i in range(0, len(samples), batch_size):
-        pixels = torch.stack([encoder.pixels(s) for s in samples[i : i + batch_size]]).to(device, dtype)
-        out.append(tower(pixels).pooler_output.float().cpu())
+        batch = {k: v.to(device) for k, v in encoder.generation_batch(samples[i : i + batch_size]).items()}
+        out.append(query(batch["input_ids"], query.images(batch)).float().cpu())
     return torch.cat(out)
 
 

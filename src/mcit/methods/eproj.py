@@ -134,7 +134,7 @@ class EProj(Method):
             self.bank.route = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long,
                                           device=batch["input_ids"].device)  # zero-shot: the base projector
             return None
-        image_q, text_q = self.queries(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        image_q, text_q = self.queries(batch["input_ids"], batch["attention_mask"], self.queries.images(batch))
         scores = key_scores(image_q, text_q, self.bank.image_keys[: self.n_used], self.bank.text_keys[: self.n_used])
         choice = scores.argmax(-1)
         self.bank.route = choice

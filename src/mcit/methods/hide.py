@@ -108,7 +108,7 @@ class AnchoredExperts(Method):
         cos = torch.nn.functional.cosine_similarity
         parts = []
         if self.options.modalities in ("both", "image"):
-            image_q, _ = self.queries(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+            image_q, _ = self.queries(batch["input_ids"], batch["attention_mask"], self.queries.images(batch))
             parts.append(cos(image_q.float().cpu().unsqueeze(1), self.image_anchor.unsqueeze(0), dim=-1))
         if self.options.modalities in ("both", "text"):
             text_q = self.text.cached([s.question for s in samples])

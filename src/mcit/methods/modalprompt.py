@@ -31,7 +31,6 @@ from mcit.errors import ConfigError
 from mcit.methods import register
 from mcit.methods.base import TaskContext
 from mcit.methods.prompt import PromptPoolMethod, PromptPoolOptions
-from mcit.models.tuning import llava_parts
 
 HEADS_ATTR = "mcit_modal_heads"
 
@@ -62,8 +61,9 @@ class ModalPrompt(PromptPoolMethod):
         self.options = self.options.model_copy(update={"pool_size": len(ctx.tasks), "top_k": 1, "diversity": False,
                                                        "batchwise": False, "key_fit": "loss"})
         super().setup(model, ctx)
-        base, tower, embed = llava_parts(ctx.unwrapped)
-        d, d_image = embed.weight.shape[1], tower.config.hidden_size
+        base = ctx.unwrapped.get_base_model() if hasattr(ctx.unwrapped, "get_base_model") else ctx.unwrapped
+        embed = base.get_input_embeddings()
+        d, d_image = embed.weight.shape[1], self._queries.dim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed * 7919 + 29)
             heads = nn.ModuleList(nn.ModuleDict({"image": _head(d, d_image), "text": _head(d, d)}) for _ in ctx.tasks)

@@ -1,30 +1,49 @@
-"""Frozen per-sample query features of a LLaVA batch, for key matching (prompt pools, experts).
+"""Frozen per-sample query features of a batch, for key matching (prompt pools, experts).
 
-image: the vision tower's pooled feature; text: the mean input embedding of the instruction's
-tokens (attended, not padding, placeholders, image tokens, <s> or a training batch's answer).
-Both under no_grad."""
+image: the vision tower's output pooled per sample (:class:`mcit.models.vision.VisionQuery`, in
+every family); text: the mean input embedding of the instruction's tokens (attended, not padding,
+placeholders, image tokens, <s> or a training batch's answer; in families whose processor expands
+the image, none of the tokenizer's special tokens either: their row/column and image-boundary
+tokens). Both under no_grad."""
 
 from __future__ import annotations
 
 import torch
 
-from mcit.models.tuning import llava_parts
+from mcit.models.vision import VisionQuery
 
 
 class FrozenQueries:
     def __init__(self, model, encoder):
-        _, self.tower, self.embed = llava_parts(model)
+        self.vision = VisionQuery(model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.embed = base.get_input_embeddings()
         tok = encoder.tokenizer
         self.pad_id, self.bos_id = tok.pad_token_id, tok.bos_token_id
         self.image_id = tok.convert_tokens_to_ids(encoder.image_token)
+        skip = {self.image_id} | (set(tok.all_special_ids) if encoder.dynamic else set())
+        self._skip = torch.tensor(sorted(skip), dtype=torch.long)
+
+    @property
+    def dim(self) -> int:
+        return self.vision.dim
+
+    def images(self, kwargs: dict) -> dict:
+        """The image inputs among a forward's keyword arguments (or a batch)."""
+        return self.vision.images(kwargs)
+
+    def is_image(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Image positions (the image token, and in dynamic families every special token of the image)."""
+        return torch.isin(input_ids, self._skip.to(input_ids.device))
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: dict,
                  exclude: torch.Tensor | None = None):
-        """``exclude``: positions left out of the text query (a training batch's answer tokens, so that
+        """``images``: the batch's image inputs (``pixel_values`` and the family's companions).
+        ``exclude``: positions left out of the text query (a training batch's answer tokens, so that
         a sample's query is the same in training and in generation, where there is no answer)."""
-        image_q = self.tower(pixel_values.to(self.embed.weight.dtype)).pooler_output
-        text = attention_mask.bool() & (input_ids != self.pad_id) & (input_ids != self.image_id)
+        image_q = self.vision(input_ids, images)
+        text = attention_mask.bool() & (input_ids != self.pad_id) & ~self.is_image(input_ids)
         if exclude is not None:
             text &= ~exclude
         if self.bos_id is not None:
@@ -38,7 +57,7 @@ class FrozenQueries:
         image, text = [], []
         for i in range(0, len(samples), batch_size):
             b = {k: v.to(device) for k, v in encoder.generation_batch(samples[i : i + batch_size]).items()}
-            qi, qt = self(b["input_ids"], b["attention_mask"], b["pixel_values"])
+            qi, qt = self(b["input_ids"], b["attention_mask"], self.images(b))
             image.append(qi)
             text.append(qt)
         return torch.cat(image), torch.cat(text)

@@ -13,7 +13,7 @@ from mcit.methods.base import TaskContext
 from mcit.methods.prompt.gpm import extend_basis, project
 from mcit.methods.prompt.options import PromptPoolOptions
 from mcit.methods.prompt.pool_method import PromptPoolMethod, _Stop
-from mcit.models.tuning import llava_parts
+from mcit.models.families import family_of, part
 
 
 class FwdPromptOptions(PromptPoolOptions):
@@ -62,9 +62,9 @@ class FwdPrompt(PromptPoolMethod):
         each part to ``energy`` of its own squared norm."""
         if not self.options.balance:
             return extend_basis(basis, rows, energy)
-        for part in (rows[image], rows[~image]):
-            if len(part):
-                basis = extend_basis(basis, part, energy)
+        for kind in (rows[image], rows[~image]):
+            if len(kind):
+                basis = extend_basis(basis, kind, energy)
         return basis
 
     def before_step(self, ctx: TaskContext) -> None:
@@ -107,8 +107,8 @@ class FwdPrompt(PromptPoolMethod):
         """The inputs of every prompted language-model layer (the input embeddings, then the deep
         layers' hidden states) at the text and image tokens of ``samples`` (attended; placeholders
         and padding excluded), as rows: one tensor per layer, and which rows are image tokens."""
-        base, _, _ = llava_parts(ctx.unwrapped)
-        lm = base.model.language_model if hasattr(base.model, "language_model") else base.language_model
+        base = ctx.unwrapped.get_base_model() if hasattr(ctx.unwrapped, "get_base_model") else ctx.unwrapped
+        lm = part(ctx.unwrapped, family_of(ctx.unwrapped).language_model)
         depth = self.options.depth
         captured: list[torch.Tensor] = []
 
@@ -137,7 +137,7 @@ class FwdPrompt(PromptPoolMethod):
                 except _Stop:
                     pass
                 keep = batch["attention_mask"].bool() & (batch["input_ids"] != self.pad_id)
-                image.append((batch["input_ids"][keep] == self._queries.image_id).cpu())
+                image.append(self._queries.is_image(batch["input_ids"][keep]).cpu())
                 for layer, hidden in enumerate(captured):
                     rows[layer].append(hidden[keep].float().cpu())
                 captured.clear()

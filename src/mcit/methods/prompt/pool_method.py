@@ -13,7 +13,7 @@ from mcit.methods.prompt.options import PromptPoolOptions
 from mcit.methods.prompt.pool import POOL_ATTR, PromptPool, _best_cos
 from mcit.methods.query import FrozenQueries, key_scores, pull_keys
 from mcit.models.encode import IGNORE_INDEX
-from mcit.models.tuning import llava_parts
+from mcit.models.families import family_of, part
 
 
 class _Stop(Exception):
@@ -50,14 +50,16 @@ class PromptPoolMethod(Method):
         return self.options.top_k * self.options.length
 
     def setup(self, model, ctx: TaskContext) -> None:
-        base, tower, embed = llava_parts(ctx.unwrapped)
+        base = ctx.unwrapped.get_base_model() if hasattr(ctx.unwrapped, "get_base_model") else ctx.unwrapped
+        embed = base.get_input_embeddings()
+        self._queries = FrozenQueries(ctx.unwrapped, ctx.encoder)
         layers = self.decoder_layers(ctx) if self.options.depth > 1 else None
         if layers is not None and self.options.depth > len(layers):
             raise ConfigError(f"method.depth: {self.options.depth} exceeds the language model's {len(layers)} layers "
                               f"(prompted inputs: the embeddings and decoder layers 1..{len(layers) - 1})")
         for p in base.parameters():
             p.requires_grad_(False)
-        d_text, d_image = embed.weight.shape[1], tower.config.hidden_size
+        d_text, d_image = embed.weight.shape[1], self._queries.dim
         std = self.options.init_std or float(embed.weight.detach().float().std())
         gen = torch.Generator().manual_seed(ctx.seed * 7919 + 17)
         o = self.options
@@ -68,12 +70,11 @@ class PromptPoolMethod(Method):
         self.encoder.prefix_tokens = self.n_prefix
         self.pad_id = self.encoder.tokenizer.pad_token_id
         self._embed = embed
-        self._queries = FrozenQueries(ctx.unwrapped, self.encoder)
-        # On the inner LlavaModel: generate() may call the outer model's forward directly (no hooks),
-        # but the outer forward always calls the inner model as a module.
+        # On the inner model (LlavaModel, Qwen2VLModel, ...): generate() may call the outer model's
+        # forward directly (no hooks), but the outer forward always calls the inner model as a module.
         inner = getattr(base, "model", None)
-        if inner is None or not hasattr(inner, "language_model"):
-            raise McitError("prompt methods need a LLaVA model (LlavaForConditionalGeneration with .model)")
+        if inner is None:
+            raise McitError("prompt methods need a model with an inner .model (the transformers layout)")
         base.register_forward_pre_hook(self._labels_hook, with_kwargs=True)
         inner.register_forward_pre_hook(self._select_hook, with_kwargs=True)
         embed.register_forward_hook(self._insert_hook)
@@ -83,17 +84,16 @@ class PromptPoolMethod(Method):
 
     @staticmethod
     def decoder_layers(ctx: TaskContext) -> nn.ModuleList:
-        base, _, _ = llava_parts(ctx.unwrapped)
-        lm = base.model.language_model
+        lm = part(ctx.unwrapped, family_of(ctx.unwrapped).language_model)
         layers = getattr(lm, "layers", None)
         if layers is None:
             raise McitError("method.depth > 1 needs a language model with .layers (Llama-like decoders)")
         return layers
 
     # --- selection and insertion --------------------------------------------------------------
-    def queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
-        """The frozen (image, text) query features of a batch."""
-        return self._queries(input_ids, attention_mask, pixel_values)
+    def queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: dict):
+        """The frozen (image, text) query features of a batch (``images``: its image inputs)."""
+        return self._queries(input_ids, attention_mask, images)
 
     def select(self, image_q: torch.Tensor, text_q: torch.Tensor, diversify: bool = False) -> torch.Tensor:
         """Top-k entries per sample by cos(image, key) + cos(text, key); ties go to the lower index.
@@ -131,7 +131,7 @@ class PromptPoolMethod(Method):
         """Select the prompts of a generation batch (generate() may hand the model precomputed image
         features instead of pixels, so the selection is made here, from the batch itself). A sample
         is routed to a task when it selects only entries that task selected most while training."""
-        image_q, text_q = self.queries(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        image_q, text_q = self.queries(batch["input_ids"], batch["attention_mask"], self._queries.images(batch))
         self._routed = self.select(image_q, text_q)
         if ctx is None:
             return None
@@ -146,7 +146,9 @@ class PromptPoolMethod(Method):
     def _select_hook(self, module, args, kwargs):
         self._pending, self._key_loss, self._deep = None, None, None
         labels, self._labels = self._labels, None
-        input_ids, pixel_values = kwargs.get("input_ids"), kwargs.get("pixel_values")
+        # LLaVA-NeXT's outer forward passes input_ids positionally
+        input_ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+        pixel_values = kwargs.get("pixel_values")
         mask = kwargs.get("attention_mask")
         if input_ids is None or input_ids.shape[1] <= self.n_prefix:
             return None  # a decoding step: the prompts are in the KV cache already
@@ -157,7 +159,7 @@ class PromptPoolMethod(Method):
         if pixel_values is not None:
             # A training batch's answer tokens stay out of the query: generation has none.
             answer = labels != IGNORE_INDEX if labels is not None and labels.shape == input_ids.shape else None
-            image_q, text_q = self._queries(input_ids, mask, pixel_values, exclude=answer)
+            image_q, text_q = self._queries(input_ids, mask, self._queries.images(kwargs), exclude=answer)
             chosen = self.select(image_q, text_q, diversify=training and self.options.diversity)
             if training and self.options.batchwise:
                 chosen = self.batchwise(chosen)
