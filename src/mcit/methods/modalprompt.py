@@ -31,6 +31,7 @@ from mcit.errors import ConfigError
 from mcit.methods import register
 from mcit.methods.base import TaskContext
 from mcit.methods.prompt import PromptPoolMethod, PromptPoolOptions
+from mcit.models.families import unwrap
 
 HEADS_ATTR = "mcit_modal_heads"
 
@@ -61,7 +62,7 @@ class ModalPrompt(PromptPoolMethod):
         self.options = self.options.model_copy(update={"pool_size": len(ctx.tasks), "top_k": 1, "diversity": False,
                                                        "batchwise": False, "key_fit": "loss"})
         super().setup(model, ctx)
-        base = ctx.unwrapped.get_base_model() if hasattr(ctx.unwrapped, "get_base_model") else ctx.unwrapped
+        base = unwrap(ctx.unwrapped)
         embed = base.get_input_embeddings()
         d, d_image = embed.weight.shape[1], self._queries.dim
         with torch.random.fork_rng(devices=[]):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from mcit.models.families import unwrap
 from mcit.models.vision import VisionQuery
 
 
 class FrozenQueries:
     def __init__(self, model, encoder):
         self.vision = VisionQuery(model)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap(model)
         self.embed = base.get_input_embeddings()
         tok = encoder.tokenizer
         self.pad_id, self.bos_id = tok.pad_token_id, tok.bos_token_id

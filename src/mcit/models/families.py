@@ -66,9 +66,14 @@ def family_of_type(model_type: str, where: str = "model.path") -> Family:
     return family
 
 
+def unwrap(model):
+    """The transformers model inside a PEFT wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def family_of(model) -> Family:
     """The family of a (possibly PEFT-wrapped) model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     return family_of_type(getattr(base.config, "model_type", ""), "model")
 
 
@@ -148,7 +153,7 @@ def load_processor(path: Path, model_type: str):
 
 def part(model, name: str):
     """The module at dotted ``name`` under the model's inner model (``model.model``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     module = getattr(base, "model", base)
     for attr in name.split("."):
         module = getattr(module, attr)
@@ -156,4 +161,4 @@ def part(model, name: str):
 
 
 __all__ = ["FAMILIES", "Family", "family_of", "family_of_type", "is_projector", "is_vision", "load_processor",
-           "lora_scope", "part", "read_model_type", "supported_types"]
+           "lora_scope", "part", "read_model_type", "supported_types", "unwrap"]

@@ -23,9 +23,9 @@ def llava_parts(model):
     which replaces the projector with experts routed per sample: LLaVA-1.5 checkpoints only (one
     fixed-size image per sample reaches its projector as one row); any other family is refused in
     one line."""
-    from mcit.models.families import family_of
+    from mcit.models.families import family_of, unwrap
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     family = family_of(base)
     if not family.fixed_image_tokens:
         raise ConfigError(

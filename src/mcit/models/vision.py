@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from mcit.errors import McitError
-from mcit.models.families import family_of, part
+from mcit.models.families import family_of, part, unwrap
 
 # the batch keys that carry a family's images (what the family's forward reads beside the ids)
 IMAGE_INPUTS = {
@@ -42,7 +42,7 @@ class VisionQuery:
 
     def __init__(self, model):
         self.family = family_of(model)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap(model)
         self.config = base.config
         self.tower = part(model, self.family.vision)
         self.keys = IMAGE_INPUTS[self.family.name]

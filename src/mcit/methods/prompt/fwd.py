@@ -13,7 +13,7 @@ from mcit.methods.base import TaskContext
 from mcit.methods.prompt.gpm import extend_basis, project
 from mcit.methods.prompt.options import PromptPoolOptions
 from mcit.methods.prompt.pool_method import PromptPoolMethod, _Stop
-from mcit.models.families import family_of, part
+from mcit.models.families import family_of, part, unwrap
 
 
 class FwdPromptOptions(PromptPoolOptions):
@@ -107,7 +107,7 @@ class FwdPrompt(PromptPoolMethod):
         """The inputs of every prompted language-model layer (the input embeddings, then the deep
         layers' hidden states) at the text and image tokens of ``samples`` (attended; placeholders
         and padding excluded), as rows: one tensor per layer, and which rows are image tokens."""
-        base = ctx.unwrapped.get_base_model() if hasattr(ctx.unwrapped, "get_base_model") else ctx.unwrapped
+        base = unwrap(ctx.unwrapped)
         lm = part(ctx.unwrapped, family_of(ctx.unwrapped).language_model)
         depth = self.options.depth
         captured: list[torch.Tensor] = []

@@ -13,7 +13,7 @@ from mcit.methods.prompt.options import PromptPoolOptions
 from mcit.methods.prompt.pool import POOL_ATTR, PromptPool, _best_cos
 from mcit.methods.query import FrozenQueries, key_scores, pull_keys
 from mcit.models.encode import IGNORE_INDEX
-from mcit.models.families import family_of, part
+from mcit.models.families import family_of, part, unwrap
 
 
 class _Stop(Exception):
@@ -50,7 +50,7 @@ class PromptPoolMethod(Method):
         return self.options.top_k * self.options.length
 
     def setup(self, model, ctx: TaskContext) -> None:
-        base = ctx.unwrapped.get_base_model() if hasattr(ctx.unwrapped, "get_base_model") else ctx.unwrapped
+        base = unwrap(ctx.unwrapped)
         embed = base.get_input_embeddings()
         self._queries = FrozenQueries(ctx.unwrapped, ctx.encoder)
         layers = self.decoder_layers(ctx) if self.options.depth > 1 else None
