@@ -11,7 +11,7 @@ from mcit.intervals import run_intervals, t_interval
 from mcit.report import metrics_for
 
 
-def _run(path, scores: dict[int, dict[str, list[float]]], tasks=("a", "b"), seed=0, method="m"):
+def _run(path, scores: dict[int, dict[str, list[float]]], tasks=("a", "b"), seed=0, method="m", name=None):
     """A finished run directory: per row, per task, the per-sample scores (0/1)."""
     for row, per_task in scores.items():
         for task, values in per_task.items():
@@ -26,7 +26,7 @@ def _run(path, scores: dict[int, dict[str, list[float]]], tasks=("a", "b"), seed
                "method": method, "matrix": matrix, "metrics": metrics_for(matrix, list(sizes.values()), "sequential"),
                "row_labels": ["zero-shot", *tasks]}
     (path / "results.json").write_text(json.dumps(results))
-    (path / "config.yaml").write_text(f"seed: {seed}\n")
+    (path / "config.yaml").write_text(f"seed: {seed}\n" + (f"name: {name}\n" if name else ""))
     return results
 
 

@@ -243,7 +243,7 @@ def test_every_numeric_option_refuses_a_wrong_value_in_one_line(monkeypatch, cap
 def test_choice_and_usage_errors_are_one_line(monkeypatch, capsys, smoke_run):
     out, _ = smoke_run
     cases = [
-        (("compare", str(out), "--by", "seed"), "--by: expected 'method' or 'run'"),
+        (("compare", str(out), "--by", "seed"), "--by: expected 'method', 'name' or 'run'"),
         (("compare", str(out), "--format", "json"), "--format: expected 'table', 'md' or 'csv'"),
         (("sweep", str(SMOKE), "--out", "/nonexistent/s", "--by", "x"), "--by: expected"),
         (("sweep", str(SMOKE), "--out", "/nonexistent/s", "--grid", "lr"), "--grid 'lr': expected KEY=V1,V2"),

@@ -416,7 +416,7 @@ def flips(
 def report(
     runs: Annotated[list[Path], typer.Argument(help="One run directory (its page), or several (a study)")],
     html_out: Annotated[Path, typer.Option("--html", help="The HTML file to write (self-contained: open it from disk)")],
-    by: Annotated[str | None, typer.Option("--by", help="A study's groups: 'method' or 'run' (mean ± std, paired differences)")] = None,
+    by: Annotated[str | None, typer.Option("--by", help="A study's groups: 'method', 'name' (the config's name: ablations apart, seeds together) or 'run' (mean ± std, paired differences)")] = None,
 ):
     """One self-contained HTML page: matrix, learning curves, metrics, what was forgotten sample by
     sample, config and environment; for several runs, their comparison too."""
@@ -439,7 +439,7 @@ def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (or their results.json); unfinished ones are skipped and listed")],
     figure: Annotated[Path | None, typer.Option("--figure", help="PNG to write (default: compare.png beside the runs, in their common folder)")] = None,
     no_figure: Annotated[bool, typer.Option("--no-figure", help="Write no figure")] = False,
-    by: Annotated[str | None, typer.Option("--by", help="Group runs (e.g. over seeds) by 'method' or 'run': mean and spread")] = None,
+    by: Annotated[str | None, typer.Option("--by", help="Group runs (e.g. over seeds) by 'method', 'name' (the config's name: ablations apart) or 'run': mean and spread")] = None,
     tradeoff: Annotated[str | None, typer.Option("--tradeoff", help="Plot stability/plasticity against this config key, e.g. method.alpha")] = None,
     format_: Annotated[str, typer.Option("--format", help="table (for the terminal), md (markdown) or csv (full precision)")] = "table",
     strict: Annotated[bool, typer.Option("--strict", help="Fail when a path holds no finished run instead of skipping it")] = False,
@@ -467,6 +467,33 @@ def compare(
         _paired(found, by or "method", paired, format_)
 
 
+@app.command()
+def claims(
+    paths: Annotated[list[Path], typer.Argument(help="Run directories, or folders of them (a sweep's --out)")],
+    format_: Annotated[str, typer.Option("--format", help="md (markdown, the default) or csv")] = "md",
+):
+    """The seed papers' claims against finished runs: per claim the paired difference (or the
+    metric) over the seeds run, its 95% interval and a verdict. Runs are grouped by their config's
+    name (ablations apart, seeds together)."""
+    from mcit.claims import claims_table, format_claims
+    from mcit.report import RESULTS, find_runs
+
+    if format_ not in ("md", "csv"):
+        raise McitError(f"--format: expected 'md' or 'csv', got {format_!r}")
+    expanded = []
+    for p in paths:  # a folder of runs (no results.json or state.json of its own): its run directories
+        if p.is_dir() and not (p / RESULTS).is_file() and not (p / "state.json").is_file():
+            expanded += sorted(d for d in p.iterdir() if d.is_dir())
+        else:
+            expanded.append(p)
+    found, skipped = find_runs(expanded)
+    for path, why in skipped:
+        err.print(f"skipped {path}: {why}", highlight=False, soft_wrap=True)
+    if not found:
+        raise McitError(f"claims: none of {', '.join(map(str, paths))} holds a finished run")
+    typer.echo(format_claims(claims_table(found), format_), nl=False)
+
+
 def _paired(run_dirs: list[Path], by: str, spec: str, fmt: str) -> None:
     from mcit.report import paired_table
 
@@ -491,8 +518,8 @@ def _paired(run_dirs: list[Path], by: str, spec: str, fmt: str) -> None:
 
 
 def _check_by(by: str | None) -> None:
-    if by not in (None, "method", "run"):
-        raise McitError(f"--by: expected 'method' or 'run', got {by!r}")
+    if by not in (None, "method", "name", "run"):
+        raise McitError(f"--by: expected 'method', 'name' or 'run', got {by!r}")
 
 
 def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff: str | None, fmt: str = "table") -> None:
@@ -542,7 +569,7 @@ def sweep(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the runs (one per config and grid point) and the comparison")],
     grid: Annotated[list[str] | None, typer.Option("--grid", help="KEY=V1,V2,...: run every config at each value (repeatable: all combinations)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key in every run (repeatable)")] = None,
-    by: Annotated[str | None, typer.Option("--by", help="Group the comparison by 'method' or 'run'")] = None,
+    by: Annotated[str | None, typer.Option("--by", help="Group the comparison by 'method', 'name' or 'run'")] = None,
     tradeoff: Annotated[str | None, typer.Option("--tradeoff", help="Plot stability/plasticity against this config key")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars")] = False,
 ):

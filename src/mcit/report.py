@@ -307,6 +307,14 @@ def config_value(run_dir: str | Path, key: str):
     return value
 
 
+def _config_name(run_dir: str | Path, method: str) -> str:
+    """The run's config ``name:`` (an ablation's own, shared by its seeds), else its method."""
+    try:
+        return str(config_value(run_dir, "name") or method)
+    except McitError:  # an old run without config.yaml, or without a name
+        return method
+
+
 def compare(run_dirs: list[str | Path], out_png: str | Path | None = None) -> list[dict]:
     """One row per run: its name, method, seed and metrics; optionally a bar figure of MFN/BWT.
 
@@ -323,7 +331,8 @@ def compare(run_dirs: list[str | Path], out_png: str | Path | None = None) -> li
         intervals = r.get("intervals") or {}
         spans = {**{f"{m}_ci": v for m, v in (intervals.get("metrics") or {}).items()},
                  **{f"general_{k}_ci": (intervals.get("general") or {}).get(k) for k in ("final", "change")}}
-        rows.append({"run": Path(d).name, "dir": str(d), "method": r["method"], "seed": r["seed"], "tasks": T,
+        rows.append({"run": Path(d).name, "name": _config_name(d, r["method"]), "dir": str(d), "method": r["method"],
+                     "seed": r["seed"], "tasks": T,
                      **{m: r["metrics"].get(m) for m in METRICS}, "old_final": old, "new": r["metrics"].get("MFT"),
                      **{g: general.get(g.removeprefix("general_")) for g in GENERAL}, **spans})
     if out_png is not None and rows:

@@ -1,0 +1,65 @@
+"""``mcit claims``: the seed papers' claims against hand-built runs with known answers."""
+
+import sys
+
+import pytest
+
+from mcit.claims import CLAIMS, claims_table, verdict
+from tests.test_intervals import _run
+
+
+def _col(p: float) -> list[float]:
+    return [1.0] * round(100 * p) + [0.0] * (100 - round(100 * p))
+
+
+def _method(root, name, method, accuracy, seeds=(0, 1, 2), drop=0.0):
+    """Runs of one config name: every cell ``accuracy`` (+ 0.02 per seed), the first task's final
+    cell ``drop`` lower (BWT = -100 drop / 1 old task)."""
+    dirs = []
+    for seed in seeds:
+        p = accuracy + 0.02 * seed
+        d = root / f"{name}__seed={seed}"
+        _run(d, {0: {"a": _col(p), "b": _col(p)}, 1: {"a": _col(p), "b": _col(p)},
+                 2: {"a": _col(p - drop), "b": _col(p)}}, seed=seed, method=method, name=name)
+        dirs.append(d)
+    return dirs
+
+
+def test_verdicts_read_the_interval_against_the_bound():
+    assert verdict(0.5, 2.0, 0.0, strict=True) == "holds"
+    assert verdict(-2.0, -0.5, 0.0, strict=True) == "does not hold"
+    assert verdict(-1.0, 1.0, 0.0, strict=True) == "inconclusive"
+    assert verdict(0.0, 0.0, 0.0, strict=True) == "does not hold"  # no difference: not "above"
+    assert verdict(0.0, 0.0, 0.0, strict=False) == "holds"  # BWT exactly 0: forgets nothing
+    assert verdict(0.5, 2.0, 0.0, strict=True, one_seed=True) == "holds (1 seed)"
+
+
+def test_claims_table_pairs_by_config_name_over_seeds(tmp_path, monkeypatch, capsys):
+    runs = [*_method(tmp_path, "dgg", "dgg", 0.8), *_method(tmp_path, "replay", "replay", 0.5),
+            *_method(tmp_path, "dgg_g_only", "dgg", 0.8),  # an ablation reports its method's name
+            *_method(tmp_path, "eproj", "eproj", 0.6),
+            *_method(tmp_path, "fwd_prompt", "prompt", 0.6, seeds=(0,), drop=0.3),
+            *_method(tmp_path, "prompt_pool", "prompt", 0.4, seeds=(0,))]
+    rows = {(r[1], r[3]): r for r in claims_table(runs)}
+    assert len(rows) == len(CLAIMS)
+    above = rows[("DGG above replay with the same buffer", "MFN")]
+    assert above[2] == "dgg - replay" and above[4] == "0,1,2" and above[5] == pytest.approx(30.0)
+    assert above[6] == pytest.approx([30.0, 30.0]) and above[7] == "seeds (Student's t)" and above[8] == "holds"
+    m_only = rows[("ablation: full above m_only (alpha 0 = replay)", "MFN")]
+    assert m_only[2] == "dgg - replay (m_only is alpha 0, i.e. replay)" and m_only[8] == "holds"
+    g_only = rows[("ablation: full above g_only (no replay)", "MFN")]
+    assert g_only[5] == pytest.approx(0.0) and g_only[8] == "does not hold"  # same scores: not above
+    assert rows[("ablation: full above no_bernoulli (guidance every step)", "MFN")][8] == "not run (dgg_no_bernoulli)"
+    assert rows[("EProj forgets nothing (BWT >= 0)", "BWT")][5] == pytest.approx(0.0)
+    assert rows[("EProj forgets nothing (BWT >= 0)", "BWT")][8] == "holds"
+    fwd = rows[("Fwd-Prompt above the plain prompt pool on MFN", "MFN")]
+    assert fwd[4] == "0" and fwd[5] == pytest.approx(5.0)  # final row (30 + 60)/2 - 40: one seed
+    assert fwd[7] == "test samples (bootstrap)" and fwd[8].endswith("(1 seed)") and fwd[6][0] < 5.0 < fwd[6][1]
+    assert rows[("TIR-EWC above EWC from the caption-only start", "MFN")][8].startswith("not run")
+
+    from mcit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mcit", "claims", str(tmp_path)])  # a sweep folder: its runs
+    main()
+    text = capsys.readouterr().out
+    assert "| DGG | DGG above replay with the same buffer | dgg - replay | MFN | 0,1,2 | +30.00 | [+30.00, +30.00] |" in text
