@@ -67,6 +67,8 @@ def config_hash(cfg: RunConfig) -> str:
         data.pop("mixed_precision")
     if data["eval"].get("merge_lora") is False:
         data["eval"].pop("merge_lora")
+    if data.get("replay") is None:
+        data.pop("replay", None)
     if cfg.model.kind == "start":  # a rebuilt start is another start: a run must not resume across it
         from mcit.models.start import start_digest
 
@@ -215,10 +217,10 @@ class Run:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        method = build_method(cfg.method, cfg.replay)  # a refused combination fails before the run directory
         self.accelerator = make_accelerator(cfg, self.out / "tracking")
         state = self._check_out_dir()
         self.accelerator.wait_for_everyone()  # every process has looked before the main one writes
-        method = build_method(cfg.method)
         self.bench = prepare_benchmark(cfg, self.cache_dir, self.show)
         self.tasks = stream_tasks(cfg, self.bench)
         self.general = general_tasks(cfg, self.bench)

@@ -24,8 +24,8 @@ from pydantic import Field, field_validator
 from mcit.data.format import Sample
 from mcit.errors import ConfigError
 from mcit.methods import register
-from mcit.methods.base import TaskContext
-from mcit.methods.replay import Replay, ReplayOptions
+from mcit.methods.base import Method, TaskContext
+from mcit.methods.replay import ReplayOptions, ReplayPart
 from mcit.utils import stable_hash
 
 
@@ -49,7 +49,7 @@ class DGGOptions(ReplayOptions):
 
 
 @register
-class DGG(Replay):
+class DGG(Method):
     name = "dgg"
     Options = DGGOptions
     summary = "Dynamic Gradient Guidance: replay plus the direction back to the previous optimum, gated by Bernoulli(alpha)."
@@ -57,6 +57,8 @@ class DGG(Replay):
 
     def __init__(self, options: DGGOptions):
         super().__init__(options)
+        # the replay part (its buffer stays empty in the g-only ablation, replay: false)
+        self.replay = ReplayPart(options)
         self.theta_star: dict[str, torch.Tensor] = {}
         self.generator = torch.Generator()
         self._pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None
@@ -80,14 +82,14 @@ class DGG(Replay):
 
     # --- data: replay unless ablated ------------------------------------------------------
     def train_data(self, task: str, samples: list[Sample], ctx: TaskContext) -> list[Sample]:
-        if not self.options.replay:
-            self._n_current = len(samples)
-            return samples
-        return super().train_data(task, samples, ctx)
+        return self.replay.train_data(task, samples, ctx) if self.options.replay else samples
+
+    def sample_weights(self, samples: list[Sample], ctx: TaskContext) -> torch.Tensor | None:
+        return self.replay.sample_weights(samples) if self.options.replay else None
 
     def after_task(self, task: str, ctx: TaskContext) -> None:
         if self.options.replay:
-            super().after_task(task, ctx)
+            self.replay.after_task(task, ctx)
         self.theta_star = {n: p.detach().clone() for n, p in ctx.trainable_parameters().items()}
         self._pairs = None
 
@@ -132,13 +134,13 @@ class DGG(Replay):
 
     # --- checkpoint -----------------------------------------------------------------------
     def state_dict(self):
-        tensors, meta = super().state_dict()
+        tensors, meta = {}, self.replay.buffer.state()
         tensors = {**tensors, **{f"theta_star.{n}": v for n, v in self.theta_star.items()}}
         tensors["bernoulli_state"] = self.generator.get_state()
         return tensors, {**meta, "injected": self.injected}
 
     def load_state_dict(self, tensors, meta) -> None:
-        super().load_state_dict(tensors, meta)
+        self.replay.buffer.load(meta)
         self.theta_star = {k[len("theta_star."):]: v for k, v in tensors.items() if k.startswith("theta_star.")}
         if "bernoulli_state" in tensors:
             self.generator.set_state(tensors["bernoulli_state"])

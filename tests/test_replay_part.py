@@ -1,0 +1,71 @@
+"""A replay part on any method (the config's ``replay:`` section)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mcit.errors import ConfigError
+
+
+def test_seqft_with_a_replay_part_is_the_replay_method(smoke_cfg, tmp_path):
+    """The part is the replay method's data half: seqft + replay part trains on the same batches
+    as the replay method, so weights and matrix agree bit for bit; the buffer is in its own key."""
+    import json
+
+    from mcit.runner import run
+
+    part = run(smoke_cfg("replay.per_task=5", "replay.ratio=0.3"), tmp_path / "part", show_progress=False)
+    method = run(smoke_cfg("method.name=replay", "method.per_task=5", "method.ratio=0.3"), tmp_path / "method",
+                 show_progress=False)
+    assert part["matrix"] == method["matrix"] and part["method"] == "seqft"
+    ckpt = "checkpoints/stage_03_ocr/trainable.safetensors"
+    a, b = load_file(str(tmp_path / "part" / ckpt)), load_file(str(tmp_path / "method" / ckpt))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((tmp_path / "part" / "checkpoints" / "stage_03_ocr" / "method.json").read_text())
+    assert {t: len(v) for t, v in meta["replay_part"]["ids"].items()} == {"color": 5, "count": 5, "ocr": 5}
+    assert part["method_report"]["replay_part"] == {"color": 5, "count": 5, "ocr": 5}
+
+
+def test_ewc_with_replay_trains_on_the_buffer_and_resumes_exactly(smoke_cfg, tmp_path, monkeypatch):
+    from mcit.methods.ewc import EWC
+    from mcit.runner import run
+    from tests.conftest import kill_and_resume
+
+    seen = {}
+    original = EWC.before_task
+
+    def spy(self, task, samples, ctx):  # the stage's data as the method sees it: the task's and the buffer's
+        seen[task] = sorted({s.task for s in samples})
+        original(self, task, samples, ctx)
+
+    monkeypatch.setattr(EWC, "before_task", spy)
+    cfg = smoke_cfg("method.name=ewc", "replay.per_task=8")
+    whole = run(cfg, tmp_path / "whole", show_progress=False)
+    monkeypatch.undo()
+    assert seen == {"color": ["color"], "count": ["color", "count"], "ocr": ["color", "count", "ocr"]}
+    run(smoke_cfg("method.name=ewc"), tmp_path / "plain", show_progress=False)
+    ckpt = "checkpoints/stage_03_ocr/trainable.safetensors"
+    a, b = load_file(str(tmp_path / "whole" / ckpt)), load_file(str(tmp_path / "plain" / ckpt))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the replayed samples changed what was learnt
+    resumed = kill_and_resume(cfg, tmp_path / "killed", EWC, 3, 2, monkeypatch)
+    assert resumed["matrix"] == whole["matrix"]
+    c = load_file(str(tmp_path / "killed" / ckpt))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("method, why", [("replay", "replays already"), ("dgg", "replays already"),
+                                         ("joint", "does not train task after task"),
+                                         ("zeroshot", "does not train task after task")])
+def test_replay_part_is_refused_where_it_means_nothing(method, why, smoke_cfg, tmp_path):
+    from mcit.runner import run
+
+    with pytest.raises(ConfigError, match=rf"^replay: method '{method}' {why}"):
+        run(smoke_cfg(f"method.name={method}", "replay.per_task=4"), tmp_path / "r", show_progress=False)
+    assert not (tmp_path / "r").exists()  # refused before the run directory
+
+
+def test_bad_replay_options_name_the_key(smoke_cfg):
+    with pytest.raises(ConfigError, match=r"^--set replay.ratio=2: replay.ratio: Input should be less than 1"):
+        smoke_cfg("replay.ratio=2")
+    with pytest.raises(ConfigError, match=r"replay.bogus"):
+        smoke_cfg("replay.bogus=1")
