@@ -1,19 +1,14 @@
 """Run a task stream: start model, train each stage, evaluate every task after each, resume.
 
-The run directory is the unit of resumption. After each stage it gets the stage's checkpoint
-(trainable weights + method state), the stage's predictions and finally ``state.json``, written
-last and atomically: a run killed at any point resumes from the last stage whose state.json
-entry exists, and since every stage is seeded from (seed, stage) the resumed matrix equals the
-uninterrupted one.
+The loop only: the run's parts come from :mod:`mcit.assembly`, its directory (state, stage
+checkpoints, predictions, resume) is :class:`mcit.rundir.RunDirectory`, and results.json is put
+together by :mod:`mcit.results`. Since every stage is seeded from (seed, stage), a run resumed
+from its last recorded stage gives the uninterrupted run's matrix.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import resource
-import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -33,26 +28,16 @@ from mcit.assembly import (  # noqa: F401 (re-exported: the run's parts, for scr
     resolve_trackers,
     stream_tasks,
 )
-from mcit.config import RunConfig, dump_config
-from mcit.errors import McitError
+from mcit.config import RunConfig
 from mcit.evaluate import evaluate_task
-from mcit.flips import flip_counts
 from mcit.methods.routing import RoutingTally
 from mcit.metrics import prediction_spread
-from mcit.models.tuning import load_trainable_state, merged_lora, trainable_state
+from mcit.models.tuning import merged_lora
 from mcit.progress import console
+from mcit.results import assemble_results
+from mcit.rundir import RunDirectory
 from mcit.train import train_stage
-from mcit.utils import (
-    atomic_write_json,
-    atomic_write_text,
-    default_cache_dir,
-    environment_info,
-    flatten,
-    remove_stale_temporaries,
-    stable_hash,
-)
-
-STATE = "state.json"
+from mcit.utils import default_cache_dir, flatten, stable_hash
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -76,17 +61,10 @@ def config_hash(cfg: RunConfig) -> str:
     return stable_hash(data)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _flat(data: dict) -> dict:
     """A config as flat scalars (what every tracker accepts as hyperparameters)."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(data, "/").items()}
 
-
-RUN_FILES = (STATE, "config.yaml", "results.json", "report.md", "report.html", "matrix.png", "checkpoints",
-             "predictions", "tracking")
 
 
 class Run:
@@ -95,102 +73,15 @@ class Run:
         self.cfg, self.out, self.resume, self.show, self.restart = cfg, Path(out_dir), resume, show_progress, restart
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         self.hash = config_hash(cfg)
-
-    # --- run-directory state ----------------------------------------------------------------
-    def _check_out_dir(self) -> dict | None:
-        if self.resume and self.restart:
-            raise McitError("--resume and --restart exclude each other: continue the run, or start it over")
-        state_path = self.out / STATE
-        if state_path.is_file():
-            state = json.loads(state_path.read_text())
-            if self.restart:
-                return None
-            if not self.resume:
-                raise McitError(f"{self.out} already holds a run ({_progress(state)}); pass --resume to continue it, "
-                                "--restart to start it over, or choose another --out")
-            if state.get("config_hash") != self.hash:
-                raise McitError(
-                    f"{self.out} was started with another config ({self._config_changes()}); resume needs the same "
-                    "config and overrides, or pass --restart to start it over with this one"
-                )
-            return state
-        if self.out.exists() and not self.out.is_dir():
-            raise McitError(f"--out {self.out}: is a file, not a folder")
-        strangers = [p.name for p in self.out.iterdir() if p.name not in RUN_FILES and ".tmp" not in p.name] if self.out.is_dir() else []
-        if strangers and not self.resume:
-            raise McitError(f"{self.out} exists and holds other files ({', '.join(sorted(strangers)[:3])}); "
-                            "choose another --out")
-        return None  # nothing recorded (a run that failed before its first row, or none): start afresh
-
-    def _config_changes(self) -> str:
-        """What differs between the run directory's config and this one, as 'key: old -> new'."""
-        import yaml
-
-        from mcit.config import RunConfig
-
-        path = self.out / "config.yaml"
-        if not path.is_file():
-            return "its config.yaml is gone"
-        try:
-            old = flatten(RunConfig.model_validate(yaml.safe_load(path.read_text())).model_dump(mode="json"))
-        except Exception:  # a config of another mcit version: compare the raw keys
-            old = flatten(yaml.safe_load(path.read_text()) or {})
-        new = flatten(self.cfg.model_dump(mode="json"))
-        changes = [f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in dict.fromkeys([*old, *new])
-                   if old.get(k) != new.get(k) and k.split(".")[0] not in ("name", "threads", "trackers", "log_every")]
-        if not changes:
-            return "the same keys, but another starting model (a rebuilt start)"
-        return "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-
-    def _clear_out_dir(self) -> None:
-        """--restart, or nothing recorded: remove what an earlier attempt wrote (its files only)."""
-        for name in RUN_FILES:
-            path = self.out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        self.dir = RunDirectory(self.out)
 
     def _save_stage(self, stage: int, label: str, state: dict, evals, method) -> None:
         """Checkpoint, predictions and state of a finished row: written by the main process only."""
         if stage > 0 and method.walk != "none":  # every process records where it is
             state["checkpoint"] = f"checkpoints/stage_{stage:02d}_{label}"
         if self.accelerator.is_main_process:
-            self._write_stage(stage, label, state, evals, method)
+            self.dir.write_stage(stage, state, evals, method, self.accelerator.unwrap_model(self.model))
         self.accelerator.wait_for_everyone()
-
-    def _write_stage(self, stage: int, label: str, state: dict, evals, method) -> None:
-        from safetensors.torch import save_file
-
-        if stage > 0 and method.walk != "none":
-            ckpt = self.out / state["checkpoint"]
-            tmp = ckpt.with_name(ckpt.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file(trainable_state(self.accelerator.unwrap_model(self.model)), str(tmp / "trainable.safetensors"))
-            tensors, meta = method.state_dict()
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "method.safetensors"))
-            atomic_write_json(tmp / "method.json", meta)
-            shutil.rmtree(ckpt, ignore_errors=True)
-            tmp.rename(ckpt)
-        pred_dir = self.out / "predictions" / f"row_{stage:02d}"
-        for ev in evals:
-            atomic_write_text(pred_dir / f"{ev.task}.jsonl", "".join(json.dumps(r) + "\n" for r in ev.predictions))
-        atomic_write_json(self.out / STATE, state)
-
-    def _restore(self, state: dict, method) -> None:
-        from safetensors.torch import load_file
-
-        ckpt = state.get("checkpoint")
-        if not ckpt:
-            return
-        ckpt = self.out / ckpt
-        load_trainable_state(self.accelerator.unwrap_model(self.model), load_file(str(ckpt / "trainable.safetensors")))
-        # cloned into fresh memory: a tensor read from a checkpoint can sit at an unaligned offset, and
-        # MKL's last bits follow the layout (uncloned, fwd_prompt's next basis after a resume differed
-        # by 1e-15 on an idle machine)
-        tensors = {k: v.clone() for k, v in load_file(str(ckpt / "method.safetensors")).items()}
-        method.load_state_dict(tensors, json.loads((ckpt / "method.json").read_text()))
 
     # --- the run --------------------------------------------------------------------------
     def evaluate_all(self, method, ctx, row_label: str):
@@ -219,7 +110,7 @@ class Run:
             torch.set_num_threads(cfg.threads)
         method = build_method(cfg.method, cfg.replay)  # a refused combination fails before the run directory
         self.accelerator = make_accelerator(cfg, self.out / "tracking")
-        state = self._check_out_dir()
+        state = self.dir.check(cfg, self.hash, self.resume, self.restart)
         self.accelerator.wait_for_everyone()  # every process has looked before the main one writes
         self.bench = prepare_benchmark(cfg, self.cache_dir, self.show)
         self.tasks = stream_tasks(cfg, self.bench)
@@ -234,13 +125,7 @@ class Run:
 
         self.show = self.show and self.accelerator.is_main_process
         if self.accelerator.is_main_process:  # the inputs are valid: now an earlier attempt's files may go
-            if state is None:
-                self._clear_out_dir()
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.out, recursive=True, owned=True)  # what a killed attempt left
-            for folder in ("base", "data", "similarity"):
-                remove_stale_temporaries(self.cache_dir / folder)
-            atomic_write_text(self.out / "config.yaml", dump_config(cfg))
+            self.dir.open(cfg, state is None, self.cache_dir)
         self.accelerator.wait_for_everyone()
         self.tracking = bool(self.accelerator.trackers) or bool(self.accelerator.log_with)
         if self.tracking:
@@ -257,7 +142,7 @@ class Run:
                      "general_rows": [], "row_labels": [], "details": [],
                      "train_s": 0.0, "eval_s": 0.0, "method_s": 0.0, "step_ms": [], "steps": 0}
         else:
-            self._restore(state, method)
+            self.dir.restore(state, method, self.accelerator.unwrap_model(self.model))
             if self.show:
                 console.print(f"Resuming {self.out}: {len(state['rows'])} of {len(stages) + 1} rows done")
         if not state["rows"]:
@@ -283,7 +168,8 @@ class Run:
             self._record_row(state, label, evals, secs)
             self._save_stage(stage, label, state, evals, method)
 
-        results = self._results(state, method)
+        results = assemble_results(self, state, method, self.accelerator.unwrap_model(self.model),
+                                   self.accelerator.is_main_process)
         from mcit.html_report import write_run_report
 
         if self.accelerator.is_main_process:
@@ -330,87 +216,7 @@ class Run:
         if tally.cells:
             state["routing"] = tally.cells
 
-    @staticmethod
-    def _method_report(state: dict, method) -> dict:
-        """The method's own report, with what evaluation observed of it: routing accuracy per row
-        and task (percent of a task's test samples routed to its parameters) and the method's
-        per-task evaluation summaries."""
-        report = dict(method.report())
-        if method.task_id_at_test:
-            report["task_id_at_test"] = True
-        if state.get("routing"):
-            tally = RoutingTally()
-            tally.load(state["routing"])
-            report["routing_accuracy"] = tally.report()
-        report.update(state.get("eval_summaries", {}))
-        return report
-
-    def _results(self, state: dict, method) -> dict:
-        from mcit.report import metrics_for
-
-        sizes = {t: len(self.test[t]) for t in self.tasks}
-        tensors, _ = method.state_dict()
-        model = self.accelerator.unwrap_model(self.model)
-        total_params = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return {
-            "schema": 1,
-            "benchmark": self.bench.name,
-            "method": method.name,
-            "seed": self.cfg.seed,
-            "config_hash": self.hash,
-            "tasks": self.tasks,
-            "scorers": {t: self.bench.task(t).scorer for t in self.tasks},
-            "scorer_options": {t: self.bench.task(t).scorer_options for t in self.tasks},
-            "test_sizes": sizes,
-            "matrix": state["rows"],
-            "metrics": metrics_for(state["rows"], [sizes[t] for t in self.tasks], method.walk),
-            "timing": {
-                "train_s": round(state["train_s"], 3),
-                "eval_s": round(state["eval_s"], 3),
-                "method_s": round(state.get("method_s", 0.0), 3),  # one-off passes: importance, teacher
-                "step_ms_median": round(statistics.median(state["step_ms"]), 3) if state["step_ms"] else None,
-                "steps": state["steps"],
-            },
-            "memory": {
-                "peak_rss_mb": round(_peak_rss_mb(), 1),
-                "method_state_mb": round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20, 3),
-            },
-            "environment": {**environment_info(str(self.accelerator.device)), "seed": self.cfg.seed,
-                            "processes": self.accelerator.num_processes},
-            "row_labels": state["row_labels"],
-            "details": state["details"],
-            "scorer_info": state.get("scorer_info", {}),
-            "parameters": {"total": total_params, "trainable": trainable},
-            "method_report": self._method_report(state, method),
-            "general": self._general_block(state),
-            # per row, per task (stream and general): the most frequent prediction, its share, the
-            # distinct predictions; 'collapsed' when one answer covers > 90% where references vary
-            "prediction_spread": state.get("spread", []),
-            # per task and row: test samples forgotten / recovered / learnt since the task was learnt
-            # (mcit flips lists them); the main process reads its prediction files
-            **(flip_counts(self.out) if self.accelerator.is_main_process else {}),
-        }
-
-    def _general_block(self, state: dict) -> dict:
-        """The held-out general tasks: their score in every row, apart from the stream's metrics."""
-        from mcit.metrics import general_metrics
-
-        rows = state.get("general_rows") or [[] for _ in state["rows"]]
-        return {
-            "tasks": self.general,
-            "scorers": {t: self.bench.task(t).scorer for t in self.general},
-            "test_sizes": {t: len(self.test[t]) for t in self.general},
-            "matrix": rows,
-            "metrics": general_metrics(rows),
-        }
-
 
 def run(cfg: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True,
         restart: bool = False) -> dict:
     return Run(cfg, out_dir, resume, show_progress, restart).execute()
-
-
-def _progress(state: dict) -> str:
-    done = max(0, len(state.get("rows", [])) - 1)
-    return f"{done} of {len(state.get('tasks', []))} tasks finished"
