@@ -216,7 +216,7 @@ def with_replay(method: Method, spec: dict | None) -> Method:
         return method
     from mcit.errors import ConfigError
 
-    if isinstance(method, (Replay,)) or getattr(method, "replay", None) is not None:
+    if isinstance(getattr(method, "replay", None), ReplayPart):  # Replay and DGG hold one
         raise ConfigError(f"replay: method {method.name!r} replays already; set its own options under method:")
     if method.walk != "sequential":
         raise ConfigError(f"replay: method {method.name!r} does not train task after task ({method.walk}); "

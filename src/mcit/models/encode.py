@@ -93,8 +93,7 @@ class Encoder:
                                   add_special_tokens=False))
         ids = out.pop("input_ids")[0].tolist()
         out.pop("attention_mask", None)
-        bos = self.tokenizer.bos_token_id
-        lead = ([bos] if bos is not None else []) + [self.tokenizer.pad_token_id] * self.prefix_tokens
+        lead = self._lead()
         # per-token inputs beside the ids (Qwen2-VL's mm_token_type_ids): 0 on <s>, placeholders, answer, padding
         extras = {k: [0] * len(lead) + out.pop(k)[0].tolist() for k in list(out) if k.endswith("token_type_ids")}
         return lead + ids, extras, out
@@ -110,15 +109,14 @@ class Encoder:
             cache.popitem(last=False)
         return out
 
-    def _prompt_ids(self, sample: Sample) -> list[int]:
-        if self.image_token in self.prompt_template:  # a chat template places the image itself
-            prompt = self.prompt_template.format(question=sample.question)
-        else:
-            prompt = self.prompt_template.format(question=f"{self.image_token}\n{sample.question}")
-        prompt = prompt.replace(self.image_token, self.image_token * self.n_image_tokens)
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    def _lead(self) -> list[int]:
+        """What precedes every prompt: <s> (where the tokenizer has one) and the prompt placeholders."""
         bos = self.tokenizer.bos_token_id
-        return ([bos] if bos is not None else []) + [self.tokenizer.pad_token_id] * self.prefix_tokens + ids
+        return ([bos] if bos is not None else []) + [self.tokenizer.pad_token_id] * self.prefix_tokens
+
+    def _prompt_ids(self, sample: Sample) -> list[int]:
+        prompt = self._prompt_text(sample).replace(self.image_token, self.image_token * self.n_image_tokens)
+        return self._lead() + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def train_ids(self, sample: Sample) -> tuple[list[int], list[int]]:
         """(input ids, labels) of a sample; memoised, since a stage revisits its samples every epoch
