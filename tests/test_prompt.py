@@ -139,6 +139,35 @@ def test_deep_prompts_fill_each_layers_placeholders(tmp_path):
         _method("prompt_pool", depth=3).setup(model, ctx)
 
 
+def test_each_forward_pass_starts_clean_and_its_key_loss_is_taken_once(tmp_path):
+    from mcit.errors import McitError
+
+    m, model, enc, samples, ctx = _prompted(tmp_path, depth=2, key_weight=0.5)
+    batch = enc.train_batch(samples)
+    out = model(**batch)
+    first = m.extra_loss(batch, out, ctx)
+    assert first is not None and first.requires_grad and float(first.detach()) > 0
+    assert m.extra_loss(batch, out, ctx) is None  # taken once: a second step does not add it again
+    with torch.no_grad():  # an evaluation pass makes no key loss
+        model(**batch)
+    assert m.extra_loss(batch, out, ctx) is None
+    # a prefill without pixels and without route(): refused, and the last pass's selection is gone,
+    # so the deep layers' hooks place nothing
+    seen = {}
+    layer1 = model.model.language_model.layers[1]
+    handle = layer1.register_forward_pre_hook(lambda mod, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]),
+                                              with_kwargs=True)
+    with pytest.raises(McitError, match="without route"):
+        model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    embeds = model.get_input_embeddings()(batch["input_ids"])  # the embedding hook places nothing either
+    pad = model.get_input_embeddings().weight[enc.tokenizer.pad_token_id]
+    assert torch.equal(embeds[:, 1:5], pad.expand(2, 4, -1))
+    model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+    assert not any(torch.allclose(seen["h"][i, 1:5], m.pool.layer_prompts[m.last_selection[i], 0].reshape(4, -1))
+                   for i in range(2))
+    handle.remove()
+
+
 def test_fwd_prompt_projects_each_layers_prompts_off_its_own_old_basis(tmp_path):
     m, model, enc, samples, ctx = _prompted(tmp_path, name="fwd_prompt", depth=2, pretrained=0.0)
     ctx.train_data = {"a": samples}

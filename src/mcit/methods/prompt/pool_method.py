@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -20,9 +22,25 @@ class _Stop(Exception):
     """Raised by a capture hook to end a forward pass early."""
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """What one call of the inner model carries from the pool's selection hook to its placing hooks.
+
+    The selection hook (a pre-hook of the inner model) makes a new one per call and nothing else
+    writes it, so no state outlives its pass except what is taken out on purpose (the key loss).
+
+    chosen   -- the selected entries per sample (B x top_k); None on a decoding step (the prompts
+                are in the KV cache) and outside any pass;
+    cols     -- the placeholder columns per sample (B x P);
+    key_loss -- the key-matching loss of a training pass, for ``extra_loss`` to take.
+    """
+
+    chosen: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    key_loss: torch.Tensor | None = None
+
+
 @register
-
-
 class PromptPoolMethod(Method):
     name = "prompt_pool"
     Options = PromptPoolOptions
@@ -32,15 +50,17 @@ class PromptPoolMethod(Method):
     def __init__(self, options: PromptPoolOptions):
         super().__init__(options)
         self.pool: PromptPool | None = None
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (selected entries B x k, placeholder cols B x P)
-        self._key_loss: torch.Tensor | None = None
-        self._routed: torch.Tensor | None = None  # the selection route() made for the next generation batch
-        self._labels: torch.Tensor | None = None  # the labels of the forward in progress (answer positions)
+        # Hooks talk through three slots, each with one writer:
+        self._pass = _Pass()  # the current inner-model call's selection (the selection hook)
+        self._placed = False  # layer 0's prompts are in this pass's embeddings (the embedding hook)
+        # handed into the next pass, taken there: the outer forward's labels (answer positions stay
+        # out of the query), and the selection route() made for the next generation batch
+        self._next_labels: torch.Tensor | None = None
+        self._next_route: torch.Tensor | None = None
         self.last_selection: torch.Tensor | None = None  # for tests and routing statistics
         self.usage: torch.Tensor | None = None  # selections per entry while training finished tasks
         self.usage_by_task: dict[str, list[int]] = {}
         self._task_usage: torch.Tensor | None = None
-        self._deep: tuple[torch.Tensor, torch.Tensor] | None = None  # (chosen, cols) for the deep layers' hooks
         self.entries_of: dict[str, list[int]] = {}  # task -> the top_k entries it selected most while training
         self.keyed: list[int] = []  # entries whose keys an exact fit has set (never refitted)
 
@@ -132,26 +152,31 @@ class PromptPoolMethod(Method):
         features instead of pixels, so the selection is made here, from the batch itself). A sample
         is routed to a task when it selects only entries that task selected most while training."""
         image_q, text_q = self.queries(batch["input_ids"], batch["attention_mask"], self._queries.images(batch))
-        self._routed = self.select(image_q, text_q)
+        routed = self._next_route = self.select(image_q, text_q)
         if ctx is None:
             return None
-        own = torch.zeros(len(ctx.tasks), self.options.pool_size, dtype=torch.bool, device=self._routed.device)
+        own = torch.zeros(len(ctx.tasks), self.options.pool_size, dtype=torch.bool, device=routed.device)
         for t, task in enumerate(ctx.tasks):
             own[t, self.entries_of.get(task, [])] = True
-        return own[:, self._routed].all(-1).T  # (batch, tasks)
+        return own[:, routed].all(-1).T  # (batch, tasks)
 
     def _labels_hook(self, module, args, kwargs):
-        self._labels = kwargs.get("labels")
+        self._next_labels = kwargs.get("labels")
 
     def _select_hook(self, module, args, kwargs):
-        self._pending, self._key_loss, self._deep = None, None, None
-        labels, self._labels = self._labels, None
+        self._pass, self._placed = _Pass(), False  # nothing of the last pass survives a failed selection
+        self._pass = self._select(args, kwargs)
+        return None
+
+    def _select(self, args, kwargs) -> _Pass:
+        """The selection of one inner-model call (its kwargs as the hook sees them)."""
+        labels, self._next_labels = self._next_labels, None
         # LLaVA-NeXT's outer forward passes input_ids positionally
         input_ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
         pixel_values = kwargs.get("pixel_values")
         mask = kwargs.get("attention_mask")
         if input_ids is None or input_ids.shape[1] <= self.n_prefix:
-            return None  # a decoding step: the prompts are in the KV cache already
+            return _Pass()  # a decoding step: the prompts are in the KV cache already
         if mask is None:
             mask = torch.ones_like(input_ids)
         cols = self._placeholders(input_ids, mask)
@@ -165,17 +190,15 @@ class PromptPoolMethod(Method):
                 chosen = self.batchwise(chosen)
             if training and self._task_usage is not None:
                 self._task_usage += torch.bincount(chosen.flatten(), minlength=self.options.pool_size)
-        elif self._routed is not None and self._routed.shape[0] == input_ids.shape[0]:
-            chosen, self._routed = self._routed, None
+        elif self._next_route is not None and self._next_route.shape[0] == input_ids.shape[0]:
+            chosen, self._next_route = self._next_route, None
         else:
             raise McitError("prompt methods: a prefill without pixel_values and without route(batch) before it")
         self.last_selection = chosen
-        self._pending = (chosen, cols)
-        if pixel_values is None:
-            return None
-        if torch.is_grad_enabled() and self.options.key_weight > 0:
-            self._key_loss = self.key_loss(chosen, image_q, text_q)
-        return None
+        key_loss = None
+        if pixel_values is not None and torch.is_grad_enabled() and self.options.key_weight > 0:
+            key_loss = self.key_loss(chosen, image_q, text_q)
+        return _Pass(chosen, cols, key_loss)
 
     def key_loss(self, chosen: torch.Tensor, image_q: torch.Tensor, text_q: torch.Tensor) -> torch.Tensor:
         """L2P's key-matching loss of a training batch: Σ over its chosen entries of (1 - cos), batch mean."""
@@ -183,12 +206,12 @@ class PromptPoolMethod(Method):
                 + (1 - _best_cos(self.pool.text_keys[chosen], text_q))).sum(1).mean()
 
     def _insert_hook(self, module, args, output):
-        if self._pending is None:
+        """The embeddings of a pass's prefill get layer 0's prompts, once per pass (the queries'
+        own embedding calls come before the selection; generate's later ones find it placed)."""
+        if self._pass.chosen is None or self._placed:
             return None
-        chosen, cols = self._pending
-        self._pending = None
-        self._deep = (chosen, cols) if self.options.depth > 1 else None
-        return self._place(output, 0, chosen, cols)
+        self._placed = True
+        return self._place(output, 0, self._pass.chosen, self._pass.cols)
 
     def _place(self, hidden: torch.Tensor, layer: int, chosen: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``hidden`` (B x L x d) with the chosen entries' prompts of ``layer`` at the placeholder columns."""
@@ -203,9 +226,9 @@ class PromptPoolMethod(Method):
         prefill only: decoding steps find the prompts' keys and values in the KV cache)."""
 
         def hook(module, args, kwargs):
-            if self._deep is None:
+            if not self._placed:  # a decoding step, or no prefill through the embeddings
                 return None
-            chosen, cols = self._deep  # kept until the next forward: activation checkpointing re-runs layers
+            chosen, cols = self._pass.chosen, self._pass.cols  # every call: activation checkpointing re-runs layers
             if args:
                 return (self._place(args[0], layer, chosen, cols), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": self._place(kwargs["hidden_states"], layer, chosen, cols)}
@@ -214,8 +237,11 @@ class PromptPoolMethod(Method):
 
     # --- training ---------------------------------------------------------------------------
     def extra_loss(self, batch: dict, outputs, ctx: TaskContext) -> torch.Tensor | None:
-        loss, self._key_loss = self._key_loss, None
-        return None if loss is None else self.options.key_weight * loss
+        loss = self._pass.key_loss
+        if loss is None:
+            return None
+        self._pass = _Pass(self._pass.chosen, self._pass.cols)  # taken once
+        return self.options.key_weight * loss
 
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
         self._task_usage = torch.zeros(self.options.pool_size, dtype=torch.long, device=self.pool.prompts.device)
