@@ -63,3 +63,26 @@ def test_claims_table_pairs_by_config_name_over_seeds(tmp_path, monkeypatch, cap
     main()
     text = capsys.readouterr().out
     assert "| DGG | DGG above replay with the same buffer | dgg - replay | MFN | 0,1,2 | +30.00 | [+30.00, +30.00] |" in text
+
+
+def test_archived_runs_without_predictions_keep_the_seeds_interval(tmp_path):
+    """results/claims keeps each run's results.json and config.yaml only: the comparisons over
+    seeds still read them, the paired test-sample bootstrap (it needs predictions/) is left empty."""
+    import shutil
+
+    from mcit.report import paired_table
+
+    runs = [*_method(tmp_path, "dgg", "dgg", 0.8), *_method(tmp_path, "replay", "replay", 0.5),
+            *_method(tmp_path, "fwd_prompt", "prompt", 0.6, seeds=(0,), drop=0.3),
+            *_method(tmp_path, "prompt_pool", "prompt", 0.4, seeds=(0,))]
+    ids, full = paired_table(runs, "name", "dgg", "replay")
+    assert full[0][-2] is not None  # with predictions: the bootstrap interval
+    for d in runs:
+        shutil.rmtree(d / "predictions")
+    ids, body = paired_table(runs, "name", "dgg", "replay")
+    mfn = next(r for r in body if r[0] == "MFN")
+    assert mfn[1:4] == pytest.approx([30.0, 30.0, 30.0]) and mfn[-4:-2] == pytest.approx([30.0, 30.0])
+    assert mfn[-2:] == [None, None]
+    rows = {(r[1], r[3]): r for r in claims_table(runs)}
+    assert rows[("DGG above replay with the same buffer", "MFN")][8] == "holds"
+    assert rows[("Fwd-Prompt above the plain prompt pool on MFN", "MFN")][8] == "no interval"

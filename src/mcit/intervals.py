@@ -136,7 +136,11 @@ def paired_bootstrap(pairs: list[tuple[Path, dict, Path, dict]], metric: str, re
                      seed: int = SEED) -> dict | None:
     """The difference A - B of ``metric`` between two methods over runs paired by seed (each pair
     scored on the same test set), resampling test samples jointly in both runs of a pair: the mean
-    over pairs of the resampled difference, and its 95% interval. None when the metric is undefined."""
+    over pairs of the resampled difference, and its 95% interval. None when the metric is undefined,
+    or when a run is archived without its ``predictions/`` (results.json and config.yaml kept: the
+    seeds' Student's t interval still reads them)."""
+    if not all((Path(d) / "predictions").is_dir() for dir_a, _, dir_b, _ in pairs for d in (dir_a, dir_b)):
+        return None
     diffs = []
     for k, (dir_a, res_a, dir_b, res_b) in enumerate(pairs):
         if res_a["tasks"] != res_b["tasks"] or res_a["test_sizes"] != res_b["test_sizes"]:
