@@ -241,6 +241,35 @@ def test_moelora_runs_the_smoke_stream_and_records_gates(smoke_cfg, tmp_path):
                load_file(str(next((tmp_path / "r" / "checkpoints").glob("stage_01_*")) / "trainable.safetensors")))
 
 
+def test_recorded_gates_are_summed_over_processes(tmp_path, monkeypatch):
+    """Under several processes each answers its shard of a test set: the mean gate is over every
+    process's tokens (all-reduced sums), and a process that recorded nothing still joins in."""
+    import torch.distributed as dist
+
+    model, enc, samples = _lora_model(tmp_path)
+    bank = ExpertBank(model, 3, router=True, seed=1)
+    _randomise(bank, 4)
+    model.eval()
+    bank.router()
+    bank.record = True
+    with torch.no_grad():
+        model(**enc.train_batch(samples))
+    mine, count = bank._gate_sum.clone(), bank._gate_count
+    assert count > 0
+    other = torch.tensor([3.0 * count, 0.0, 0.0, 3.0 * count], dtype=torch.float64)  # 3x the tokens, all to expert 0
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t: (calls.append(t.clone()), t.add_(other)))
+    gates = bank.take_gates()
+    expected = (mine + other[:3]) / (4 * count)
+    assert gates == [round(float(v), 4) for v in expected] and gates[0] > 0.75
+    assert len(calls) == 1 and calls[0][-1] == count
+    assert bank.take_gates() == [1.0, 0.0, 0.0]  # nothing recorded here: the other process's tokens only
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    assert bank.take_gates() is None and len(calls) == 2
+
+
 # --- MR-LoRA ------------------------------------------------------------------------------------
 def test_mrlora_with_a_perfect_router_equals_the_tasks_own_expert(tmp_path):
     from mcit.methods.mrlora import MRLoRA

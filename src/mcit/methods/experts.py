@@ -219,11 +219,21 @@ class ExpertBank:
 
     def take_gates(self) -> list[float] | None:
         """The router's mean gate per expert over every LoRA layer and token recorded since the
-        last call (None if nothing was recorded); the sum starts again."""
-        if not self._gate_count:
-            return None
-        mean = [round(float(v), 4) for v in self._gate_sum / self._gate_count]
+        last call (None if nothing was recorded); the sum starts again. Under several processes
+        each answered its shard of the test set: the sums are all-reduced first (every process
+        calls this, as evaluation asks every process for its summary)."""
+        import torch.distributed as dist
+
+        sums = torch.cat([self._gate_sum, torch.tensor([float(self._gate_count)], dtype=torch.float64)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = self.router_parameters()[0].device if self.has_router else torch.device("cpu")
+            reduced = sums.to(device)
+            dist.all_reduce(reduced)  # a sum
+            sums = reduced.cpu()
         self._gate_sum, self._gate_count = torch.zeros(self.n, dtype=torch.float64), 0
+        if not sums[-1]:
+            return None
+        mean = [round(float(v), 4) for v in sums[:-1] / sums[-1]]
         return mean
 
     def delta_weight(self, e: int, layer_name: str) -> torch.Tensor:
