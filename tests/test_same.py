@@ -137,3 +137,28 @@ def test_same_runs_the_smoke_stream_and_resumes_exactly(smoke_cfg, tmp_path, mon
     assert whole["method_report"]["experts"] == 2
     resumed = kill_and_resume(cfg, tmp_path / "killed", SAME, 2, 4, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
+
+
+def test_same_observes_once_per_forward_under_activation_checkpointing(tmp_path):
+    """Checkpointing re-runs each layer in backward; SAME's statistics (the spectrum's random draw,
+    the EMAs, the freeze mask) are taken in the forward only, and the re-run's gate is the forward's,
+    so the gradients equal those without checkpointing."""
+    grads = {}
+    for checkpointing in (False, True):
+        (tmp_path / str(checkpointing)).mkdir()
+        method, model, enc, samples, ctx = _same(tmp_path / str(checkpointing), tau=0.3)
+        ctx.stage = 1
+        method.before_task("a", samples, ctx)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for _ in range(2):
+            model.zero_grad()
+            model(**enc.train_batch(samples)).loss.backward()
+        assert all(st.count == 2 for st in method.state.values())  # two forwards: two observations per layer
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if checkpointing:
+            assert any(layer.training for layer in method.bank.layers.values())
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7)

@@ -120,6 +120,7 @@ class _LayerState:
         self.importance = torch.zeros(n)
         self.mask = torch.ones(n)
         self.locked = False
+        self.observed = -1  # the model forward this layer last observed (once per forward)
 
 
 @register
@@ -143,6 +144,14 @@ class SAME(Method):
         self.current = 0
         self.started = False
         self.eval_mask: torch.Tensor | None = None  # (batch, tokens) of the prompt being generated from
+        # Forwards of the whole model, counted by its pre-hook: activation checkpointing re-runs a
+        # layer in backward, and the re-run must neither observe again (the spectrum's random draw,
+        # the EMAs) nor see a mask the first run changed (its gate would differ from the forward's).
+        self.forwards = 0
+        ctx.unwrapped.register_forward_pre_hook(self._count_forward)
+
+    def _count_forward(self, module, args) -> None:
+        self.forwards += 1
 
     # --- forward ----------------------------------------------------------------------------------
     def _mix(self, layer, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -166,8 +175,10 @@ class SAME(Method):
             xr = x.to(router.weight.dtype)
             p = torch.softmax(router(xr), dim=-1)
             mean = p.reshape(-1, p.shape[-1]).mean(0)
-            with torch.no_grad():
-                self._observe(st, xr, p)
+            if st.observed != self.forwards:
+                st.observed = self.forwards
+                with torch.no_grad():
+                    self._observe(st, xr, p)
             g = mean * st.mask.to(mean)
             g = g / g.sum().clamp(min=1e-12)
         else:
