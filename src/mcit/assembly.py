@@ -89,13 +89,13 @@ def general_tasks(cfg: RunConfig, bench: Benchmark) -> list[str]:
     return names
 
 
-def build_method(spec: dict, replay: dict | None = None):
+def build_method(spec: dict, replay: dict | None = None, asd: dict | None = None):
     """The method named by a validated ``method:`` config section, with its options, and the
-    config's ``replay:`` part when it has one."""
-    from mcit.methods.replay import with_replay
+    config's ``replay:`` and ``asd:`` parts when it has them."""
+    from mcit.methods.parts import with_parts
 
     cls = get_method(spec["name"])
-    return with_replay(cls(cls.Options.model_validate({k: v for k, v in spec.items() if k != "name"})), replay)
+    return with_parts(cls(cls.Options.model_validate({k: v for k, v in spec.items() if k != "name"})), replay, asd)
 
 
 def resolve_trackers(names: list[str]) -> list:

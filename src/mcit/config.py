@@ -203,6 +203,9 @@ class RunConfig(Strict):
     # a replay part added to any sequential method (the replay method's options: per_task or size,
     # mix, ratio); null: none. The replay and dgg methods take these under method: instead.
     replay: dict[str, Any] | None = None
+    # answer style diversification on any training method (share, styles; see mcit.data.asd);
+    # null: none. The sefe method takes these under method: instead.
+    asd: dict[str, Any] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # bf16: training forwards and generation under bf16 autocast (weights, gradients, optimizer
     # state and the methods' gradient edits stay float32). fp16 is not offered: its loss scaling
@@ -232,13 +235,17 @@ class RunConfig(Strict):
         except ValidationError as e:
             raise ValueError(format_validation_error(e, prefix="method.", model=options_model, default=None)) from None
         self.__dict__["method"] = {"name": name, **options.model_dump(mode="json")}
-        if self.replay is not None:
-            replay_model = method_options("replay")
+        from mcit.methods.parts import PART_OPTIONS
+
+        for key, options_of in PART_OPTIONS.items():
+            if getattr(self, key) is None:
+                continue
+            part_model = options_of()
             try:
-                part = replay_model.model_validate(self.replay)
+                part = part_model.model_validate(getattr(self, key))
             except ValidationError as e:
-                raise ValueError(format_validation_error(e, prefix="replay.", model=replay_model, default=None)) from None
-            self.__dict__["replay"] = part.model_dump(mode="json")
+                raise ValueError(format_validation_error(e, prefix=f"{key}.", model=part_model, default=None)) from None
+            self.__dict__[key] = part.model_dump(mode="json")
         return self
 
     @model_validator(mode="after")

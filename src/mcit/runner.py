@@ -52,8 +52,9 @@ def config_hash(cfg: RunConfig) -> str:
         data.pop("mixed_precision")
     if data["eval"].get("merge_lora") is False:
         data["eval"].pop("merge_lora")
-    if data.get("replay") is None:
-        data.pop("replay", None)
+    for part in ("replay", "asd"):
+        if data.get(part) is None:
+            data.pop(part, None)
     if cfg.model.kind == "start":  # a rebuilt start is another start: a run must not resume across it
         from mcit.models.start import start_digest
 
@@ -108,7 +109,7 @@ class Run:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        method = build_method(cfg.method, cfg.replay)  # a refused combination fails before the run directory
+        method = build_method(cfg.method, cfg.replay, cfg.asd)  # a refused combination fails before the run directory
         self.accelerator = make_accelerator(cfg, self.out / "tracking")
         state = self.dir.check(cfg, self.hash, self.resume, self.restart)
         self.accelerator.wait_for_everyone()  # every process has looked before the main one writes

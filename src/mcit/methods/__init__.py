@@ -21,7 +21,7 @@ def register(cls: type[Method]) -> type[Method]:
 # one loaded, without importing the others (each brings torch; `mcit methods` imports them all).
 BUILTIN = {
     "clmoe": "clmoe", "dgg": "dgg", "disco": "disco", "eproj": "eproj", "eproj_sim": "eproj", "ewc": "ewc", "fwd_prompt": "prompt",
-    "gem": "gem", "hide": "hide", "joint": "joint", "keeplora": "keeplora", "lwf": "lwf", "mas": "mas", "modalprompt": "modalprompt", "moelora": "moelora", "mrlora": "mrlora", "olora": "olora", "prompt_pool": "prompt", "reglora": "reglora", "replay": "replay", "same": "same", "smolora": "smolora",
+    "gem": "gem", "hide": "hide", "joint": "joint", "keeplora": "keeplora", "lwf": "lwf", "mas": "mas", "modalprompt": "modalprompt", "moelora": "moelora", "mrlora": "mrlora", "olora": "olora", "prompt_pool": "prompt", "reglora": "reglora", "replay": "replay", "same": "same", "sefe": "asd", "smolora": "smolora",
     "seqft": "seqft", "tir_ewc": "tir", "tir_mas": "tir", "zeroshot": "zeroshot",
 }
 

@@ -95,7 +95,7 @@ def mix_weights(n_current: int, n_replay: int, ratio: float) -> torch.Tensor | N
 class ReplayPart:
     """Replay as a part: a buffer of finished tasks' sample ids and how it joins a stage's data.
     The ``replay`` method is this part alone; DGG holds one; a config's ``replay:`` section adds one
-    to any other method (:class:`WithReplay`)."""
+    to any other method (:class:`mcit.methods.parts.WithParts`)."""
 
     def __init__(self, options: ReplayOptions):
         self.options = options
@@ -113,6 +113,18 @@ class ReplayPart:
 
     def after_task(self, task: str, ctx: TaskContext) -> None:
         self.buffer.add(task, ctx.train_data[task], ctx.seed)
+
+    # as a part of another method (mcit.methods.parts.WithParts): its state and report entry
+    key = "replay_part"
+
+    def state(self) -> dict:
+        return self.buffer.state()
+
+    def load(self, meta: dict) -> None:
+        self.buffer.load(meta)
+
+    def report(self) -> dict:
+        return {t: len(v) for t, v in self.buffer.ids.items()}
 
 
 @register
@@ -143,82 +155,3 @@ class Replay(Method):
 
     def load_state_dict(self, tensors, meta) -> None:
         self.buffer.load(meta)
-
-
-class WithReplay(Method):
-    """Any method with a replay part added by the config's ``replay:`` section: the method's own
-    stage data and weights, then the buffer of finished tasks mixed in; every other hook is the
-    method's. Checkpoints keep the method's state as it was, with the buffer under ``replay_part``."""
-
-    def __init__(self, inner: Method, options: ReplayOptions):
-        super().__init__(inner.options)
-        self.inner, self.replay = inner, ReplayPart(options)
-        self.name, self.walk, self.summary, self.paper = inner.name, inner.walk, inner.summary, inner.paper
-
-    def stages(self, tasks):
-        return self.inner.stages(tasks)
-
-    def stage_steps(self, n_samples, n_tasks, optim):
-        return self.inner.stage_steps(n_samples, n_tasks, optim)
-
-    def setup(self, model, ctx):
-        self.inner.setup(model, ctx)
-
-    def train_data(self, task, samples, ctx):
-        return self.replay.train_data(task, self.inner.train_data(task, samples, ctx), ctx)
-
-    def sample_weights(self, samples, ctx):
-        return self.replay.sample_weights(samples)
-
-    def before_task(self, task, samples, ctx):
-        self.inner.before_task(task, samples, ctx)
-
-    def extra_loss(self, batch, outputs, ctx):
-        return self.inner.extra_loss(batch, outputs, ctx)
-
-    def before_step(self, ctx):
-        self.inner.before_step(ctx)
-
-    def after_task(self, task, ctx):
-        self.inner.after_task(task, ctx)
-        self.replay.after_task(task, ctx)
-
-    @property
-    def task_id_at_test(self) -> bool:
-        return self.inner.task_id_at_test
-
-    def route(self, batch, ctx):
-        return self.inner.route(batch, ctx)
-
-    def eval_summary(self):
-        return self.inner.eval_summary()
-
-    def state_dict(self):
-        tensors, meta = self.inner.state_dict()
-        return tensors, {**meta, "replay_part": self.replay.buffer.state()}
-
-    def load_state_dict(self, tensors, meta) -> None:
-        meta = dict(meta)
-        self.replay.buffer.load(meta.pop("replay_part", {}))
-        self.inner.load_state_dict(tensors, meta)
-
-    def report(self):
-        return {**self.inner.report(), "replay_part": {t: len(v) for t, v in self.replay.buffer.ids.items()}}
-
-    def extra_memory_bytes(self) -> int:
-        return self.inner.extra_memory_bytes()
-
-
-def with_replay(method: Method, spec: dict | None) -> Method:
-    """``method`` with the config's ``replay:`` part, or as it is without one; refused (one line)
-    where replay means nothing or is there already."""
-    if not spec:
-        return method
-    from mcit.errors import ConfigError
-
-    if isinstance(getattr(method, "replay", None), ReplayPart):  # Replay and DGG hold one
-        raise ConfigError(f"replay: method {method.name!r} replays already; set its own options under method:")
-    if method.walk != "sequential":
-        raise ConfigError(f"replay: method {method.name!r} does not train task after task ({method.walk}); "
-                          "there is nothing to replay")
-    return WithReplay(method, ReplayOptions.model_validate(spec))
