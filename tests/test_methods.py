@@ -176,6 +176,54 @@ def test_replay_buffer_quotas_and_seeded_selection():
     assert [s.id for s in per.samples(data, exclude="c")] == per.ids["a"] + per.ids["b"]
 
 
+def test_replay_buffer_known_answer_lookups_and_errors():
+    from mcit.errors import McitError
+    from mcit.methods.replay import ReplayBuffer, mix_weights
+
+    data = {t: _samples(t, 10) for t in "ab"}
+    buf = ReplayBuffer(per_task=3)
+    buf.add("a", data["a"], seed=0)
+    assert buf.ids == {"a": ["a-3", "a-7", "a-9"]}  # pinned: the seeded permutation of (seed, task)
+    buf.add("b", data["b"], seed=0)
+    assert [s.id for s in buf.samples(data, exclude="a")] == buf.ids["b"]  # the task after an excluded one
+    assert [s.id for s in buf.samples(data, only="b")] == buf.ids["b"]
+    assert [s.id for s in buf.samples(data)] == buf.ids["a"] + buf.ids["b"]
+    with pytest.raises(McitError, match=r"^replay buffer holds task 'a', which is not in this run's stream$"):
+        buf.samples({"b": data["b"]})
+    with pytest.raises(McitError, match=r"^replay buffer: sample ids \['a-3', 'a-7', 'a-9'\] of task 'a' are not in its"):
+        buf.samples({"a": data["a"][:2], "b": data["b"]})
+    again = ReplayBuffer(per_task=3)
+    again.load(buf.state())
+    assert again.ids == buf.ids
+    again.load({})  # a checkpoint of a method that replayed nothing yet
+    assert again.ids == {} and len(again) == 0
+    torch.testing.assert_close(mix_weights(1, 2, 0.5), torch.tensor([0.5, 0.25, 0.25]))
+    assert mix_weights(0, 2, 0.5) is None and mix_weights(3, 0, 0.5) is None
+
+
+def test_replay_part_quota_exclusion_mix_and_seed():
+    from mcit.methods.replay import Replay, ReplayBuffer, ReplayOptions, ReplayPart
+
+    data = {t: _samples(t, 20) for t in "ab"}
+    ctx = TaskContext(None, None, None, ["a", "b"], data, seed=5)
+    part = ReplayPart(ReplayOptions(size=6))
+    part.after_task("a", ctx)
+    expected = ReplayBuffer(size=6)
+    expected.add("a", data["a"], seed=5)
+    assert part.buffer.ids == expected.ids and len(part.buffer) == 6  # the total size, the context's seed
+    assert part.train_data("a", data["a"], ctx) == data["a"]  # a task is never replayed into itself
+    mixed = part.train_data("b", data["b"], ctx)
+    assert [s.id for s in mixed[20:]] == expected.ids["a"] and part.sample_weights(mixed) is not None
+    extra = ReplayPart(ReplayOptions(per_task=4, mix="extra"))
+    extra.after_task("a", ctx)
+    assert len(extra.train_data("b", data["b"], ctx)) == 24 and extra.sample_weights(mixed) is None
+    opts = ReplayOptions(per_task=4)
+    method = Replay(opts)
+    assert method.options is opts
+    method.after_task("a", ctx)
+    assert method.train_data("a", data["a"], ctx) == data["a"]
+
+
 def test_replay_mixes_at_the_configured_ratio():
     m = _method("replay", per_task=10, ratio=0.25)
     data = {"a": _samples("a", 40), "b": _samples("b", 90)}
