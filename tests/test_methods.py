@@ -192,6 +192,10 @@ def test_replay_buffer_known_answer_lookups_and_errors():
         buf.samples({"b": data["b"]})
     with pytest.raises(McitError, match=r"^replay buffer: sample ids \['a-3', 'a-7', 'a-9'\] of task 'a' are not in its"):
         buf.samples({"a": data["a"][:2], "b": data["b"]})
+    five = ReplayBuffer(per_task=5)
+    five.add("a", data["a"], seed=0)
+    with pytest.raises(McitError, match=r"sample ids \['[^']+', '[^']+', '[^']+'\] of task"):  # the first three
+        five.samples({"a": []})
     again = ReplayBuffer(per_task=3)
     again.load(buf.state())
     assert again.ids == buf.ids

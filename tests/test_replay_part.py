@@ -69,3 +69,96 @@ def test_bad_replay_options_name_the_key(smoke_cfg):
         smoke_cfg("replay.ratio=2")
     with pytest.raises(ConfigError, match=r"replay.bogus"):
         smoke_cfg("replay.bogus=1")
+
+
+def test_with_parts_hands_every_hook_to_the_method_and_its_parts():
+    """WithParts forwards each hook, with its arguments, to the method and returns the method's
+    answer, except where a part acts: train_data through the parts in order, sample_weights from
+    the first part that draws batches, after_task, state and report under each part's key."""
+    from mcit.methods.base import Method
+    from mcit.methods.parts import WithParts
+
+    calls = []
+    forwarded = ("stages", "stage_steps", "setup", "before_task", "extra_loss", "before_step", "route",
+                 "eval_summary", "extra_memory_bytes", "sample_weights", "after_task")
+
+    class Inner(Method):
+        name, walk = "inner", "sequential"
+
+        def train_data(self, task, samples, ctx):
+            return [*samples, "inner"]
+
+        def state_dict(self):
+            return {"t": 1}, {"own": 2}
+
+        def load_state_dict(self, tensors, meta):
+            calls.append(("load_state_dict", (tensors, meta)))
+
+        def report(self):
+            return {"own": 3}
+
+    def recorder(hook):
+        def hooked(self, *args):
+            calls.append((hook, args))
+            return f"{hook}-result"
+        return hooked
+
+    for hook in forwarded:
+        setattr(Inner, hook, recorder(hook))
+
+    class Rewrite:
+        key = "rw"
+
+        def train_data(self, task, samples, ctx):
+            return [*samples, f"rw-{task}"]
+
+        def report(self):
+            return {"n": 1}
+
+    class Draw:
+        key = "draw"
+        loaded = None
+
+        def train_data(self, task, samples, ctx):
+            return [*samples, "drawn"]
+
+        def sample_weights(self, samples):
+            return ("weights", len(samples))
+
+        def after_task(self, task, ctx):
+            calls.append(("draw.after_task", (task, ctx)))
+
+        def state(self):
+            return {"ids": [1]}
+
+        def load(self, meta):
+            self.loaded = meta
+
+        def report(self):
+            return {"a": 1}
+
+    inner, draw = Inner(None), Draw()
+    m = WithParts(inner, [draw, Rewrite()])
+    assert (m.name, m.walk) == ("inner", "sequential") and m.part("draw") is draw and m.part("nope") is None
+    ctx, batch, outputs = object(), object(), object()
+    for hook, args in [("stages", (["a"],)), ("stage_steps", (10, 2, "optim")), ("setup", ("model", ctx)),
+                       ("before_task", ("a", ["s"], ctx)), ("extra_loss", (batch, outputs, ctx)),
+                       ("before_step", (ctx,)), ("route", (batch, ctx)), ("eval_summary", ()),
+                       ("extra_memory_bytes", ())]:
+        calls.clear()
+        result = getattr(m, hook)(*args)
+        assert calls == [(hook, args)], hook
+        assert result == (None if hook in ("setup", "before_task", "before_step") else f"{hook}-result"), hook
+    assert m.train_data("a", ["s"], ctx) == ["s", "inner", "drawn", "rw-a"]  # the method's, then each part's
+    assert m.sample_weights(["x", "y"], ctx) == ("weights", 2)
+    calls.clear()
+    m.after_task("a", ctx)
+    assert calls == [("after_task", ("a", ctx)), ("draw.after_task", ("a", ctx))]
+    assert m.state_dict() == ({"t": 1}, {"own": 2, "draw": {"ids": [1]}})
+    assert m.report() == {"own": 3, "draw": {"a": 1}, "rw": {"n": 1}}
+    calls.clear()
+    m.load_state_dict({"t": 1}, {"own": 2, "draw": {"ids": [7]}})
+    assert draw.loaded == {"ids": [7]} and calls == [("load_state_dict", ({"t": 1}, {"own": 2}))]
+    calls.clear()
+    assert WithParts(inner, [Rewrite()]).sample_weights(["x"], ctx) == "sample_weights-result"  # no part draws
+    assert calls == [("sample_weights", (["x"], ctx))]
