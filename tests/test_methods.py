@@ -101,6 +101,35 @@ def test_separate_mode_equals_one_penalty_per_task_and_online_decays():
     torch.testing.assert_close(onl.anchor["w"], thetas[1])
 
 
+def test_separate_mode_anchor_is_the_importance_weighted_mean_known_answer():
+    sep = _method("ewc", lam=1.0)
+    sep.consolidate({"w": torch.tensor([0.25, 0.0, 0.1])}, {"w": torch.tensor([2.0, 5.0, 1.0])})
+    sep.consolidate({"w": torch.tensor([0.25, 0.0, 0.3])}, {"w": torch.tensor([4.0, 7.0, 3.0])})
+    # (0.25*2 + 0.25*4) / 0.5 = 3; no importance yet: the latest parameters; (0.1*1 + 0.3*3) / 0.4 = 2.5
+    torch.testing.assert_close(sep.anchor["w"], torch.tensor([3.0, 7.0, 2.5]))
+    torch.testing.assert_close(sep.omega["w"], torch.tensor([0.5, 0.0, 0.4]))
+    again = _method("ewc")
+    again.load_state_dict(*sep.state_dict())
+    assert again.tasks_done == [] and torch.equal(again.anchor["w"], sep.anchor["w"])
+    again.load_state_dict({}, {})  # a state from before any task finished
+    assert again.tasks_done == [] and again.omega == {}
+
+
+def test_importance_sample_and_answer_logits_known_answers():
+    from mcit.methods.penalty import answer_logits, importance_sample
+
+    samples = _samples("a", 10)
+    chosen = [s.id for s in importance_sample(samples, 3, seed=0, task="a")]
+    assert chosen == [s.id for s in importance_sample(samples, 3, seed=0, task="a")]  # seeded
+    assert chosen == sorted(chosen, key=lambda i: int(i.split("-")[1])) and len(set(chosen)) == 3  # in data order
+    assert chosen == ["a-0", "a-2", "a-3"]  # pinned: the permutation of (seed, task, "importance")
+    assert importance_sample(samples, 10, seed=0, task="a") == samples
+    logits = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
+    # the logits at position t predict the label at t + 1: rows (0, 1), (0, 2) and (1, 0)
+    torch.testing.assert_close(answer_logits(logits, labels), torch.stack([logits[0, 1], logits[0, 2], logits[1, 0]]))
+
+
 def test_normalized_importance():
     m = _method("mas", normalize="max")
     out = m.normalized({"a": torch.tensor([1.0, 4.0]), "b": torch.tensor([2.0])})

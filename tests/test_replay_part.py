@@ -86,6 +86,7 @@ def test_with_parts_hands_every_hook_to_the_method_and_its_parts():
         name, walk = "inner", "sequential"
 
         def train_data(self, task, samples, ctx):
+            calls.append(("train_data", (task, ctx)))
             return [*samples, "inner"]
 
         def state_dict(self):
@@ -137,9 +138,10 @@ def test_with_parts_hands_every_hook_to_the_method_and_its_parts():
         def report(self):
             return {"a": 1}
 
-    inner, draw = Inner(None), Draw()
+    inner, draw = Inner(object()), Draw()
     m = WithParts(inner, [draw, Rewrite()])
     assert (m.name, m.walk) == ("inner", "sequential") and m.part("draw") is draw and m.part("nope") is None
+    assert m.options is inner.options
     ctx, batch, outputs = object(), object(), object()
     for hook, args in [("stages", (["a"],)), ("stage_steps", (10, 2, "optim")), ("setup", ("model", ctx)),
                        ("before_task", ("a", ["s"], ctx)), ("extra_loss", (batch, outputs, ctx)),
@@ -149,7 +151,9 @@ def test_with_parts_hands_every_hook_to_the_method_and_its_parts():
         result = getattr(m, hook)(*args)
         assert calls == [(hook, args)], hook
         assert result == (None if hook in ("setup", "before_task", "before_step") else f"{hook}-result"), hook
+    calls.clear()
     assert m.train_data("a", ["s"], ctx) == ["s", "inner", "drawn", "rw-a"]  # the method's, then each part's
+    assert calls == [("train_data", ("a", ctx))]
     assert m.sample_weights(["x", "y"], ctx) == ("weights", 2)
     calls.clear()
     m.after_task("a", ctx)
@@ -159,6 +163,8 @@ def test_with_parts_hands_every_hook_to_the_method_and_its_parts():
     calls.clear()
     m.load_state_dict({"t": 1}, {"own": 2, "draw": {"ids": [7]}})
     assert draw.loaded == {"ids": [7]} and calls == [("load_state_dict", ({"t": 1}, {"own": 2}))]
+    m.load_state_dict({}, {"own": 2})  # a checkpoint from before the part was added: it starts empty
+    assert draw.loaded == {}
     calls.clear()
     assert WithParts(inner, [Rewrite()]).sample_weights(["x"], ctx) == "sample_weights-result"  # no part draws
     assert calls == [("sample_weights", (["x"], ctx))]
