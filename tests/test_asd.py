@@ -151,10 +151,7 @@ def test_the_asd_part_rewrites_the_stream_and_sefe_resumes_exactly(smoke_cfg, tm
         assert {s.id.rsplit("-", 1)[1] for s in changed} == {"mcq", "yn"}
     assert results["method_report"]["asd_part"] == {"color": {"mcq": 8, "yn": 8, "short": 0, "kept": 0},
                                                     "count": {"mcq": 8, "yn": 8, "short": 0, "kept": 0}}
-    plain = run(smoke_cfg("benchmark.tasks=[color,count]"), tmp_path / "plain", show_progress=False)
     ckpt = "checkpoints/stage_02_count/trainable.safetensors"
-    a, b = load_file(str(tmp_path / "part" / ckpt)), load_file(str(tmp_path / "plain" / ckpt))
-    assert any(not torch.equal(a[k], b[k]) for k in a) and plain["method_report"].get("asd_part") is None
 
     cfg = smoke_cfg("method.name=sefe", "model.tuning=lora", "method.share=0.25", "benchmark.tasks=[color,count]")
     whole = run(cfg, tmp_path / "sefe", show_progress=False)
