@@ -67,6 +67,88 @@ def test_ewc_importance_is_the_mean_squared_per_sample_gradient(tmp_path):
     torch.testing.assert_close(importance[name], expected)
 
 
+class _TwoRanks:
+    """One of two processes: ``reduce`` hands back this rank's tensor plus, when ``peer`` (the other
+    rank, run first) is given, the peer's tensor of the same call: an all-reduce, in two runs."""
+
+    device = torch.device("cpu")
+    num_processes = 2
+
+    def __init__(self, rank, peer=None):
+        self.process_index, self.peer, self.sent, self.ops = rank, peer, [], []
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+    def reduce(self, tensor, op):
+        self.ops.append(op)
+        self.sent.append(tensor.clone())
+        return tensor if self.peer is None else tensor + self.peer.sent[len(self.sent) - 1]
+
+
+def test_importance_over_two_processes_is_the_one_process_estimate(tmp_path):
+    """Each rank takes every other batch and the sums (importance and pass count) are all-reduced:
+    the result is the single-process mean; one pass alone is that sample's squared gradient."""
+    model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
+    whole = _method("ewc").estimate(samples, ctx)
+    ctx.accelerator = one = _TwoRanks(1)
+    alone = _method("ewc").estimate(samples, ctx)  # rank 1 without its peer: its own sample only
+    ctx.accelerator = zero = _TwoRanks(0, peer=one)
+    split = _method("ewc").estimate(samples, ctx)
+    assert zero.ops == ["sum"] * (len(whole) + 1) and one.ops == zero.ops
+    for n in whole:
+        torch.testing.assert_close(split[n], whole[n])
+    ctx.accelerator = _NoAccelerator()
+    torch.testing.assert_close(alone, _method("ewc").estimate(samples[1:], ctx))
+    name = next(n for n in whole if "multi_modal_projector" in n)
+    model.zero_grad()
+    model(**enc.train_batch(samples[:1])).loss.backward()
+    expected = dict(model.named_parameters())[name].grad.pow(2)
+    torch.testing.assert_close(_method("ewc").estimate(samples[:1], ctx)[name], expected)
+
+
+def test_penalty_binding_normalising_and_resuming_known_answers(tmp_path):
+    m = _method("ewc", lam=2.0)
+    m.consolidate({"w": torch.tensor([1.0, 0.5]), "z": torch.zeros(2)}, {"w": torch.zeros(2), "z": torch.ones(2)})
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    m.bind({"w": w})  # "z" is not among the parameters (and has no importance): left out, no error
+    assert [p for p, _, _ in m._active] == [w]
+    m.bind({"w": w, "z": torch.nn.Parameter(torch.ones(2))})
+    assert [p for p, _, _ in m._active] == [w]  # zero importance: never in the penalty
+    torch.testing.assert_close(m.penalty(), torch.tensor(0.5 * 2.0 * (1.0 + 0.5 * 4.0)))
+    assert _method("ewc", lam=0.0).penalty() is None
+    off = _method("ewc", lam=0.0)
+    off.consolidate({"w": torch.ones(2)}, {"w": torch.zeros(2)})
+    assert off.penalty({"w": w}) is None  # lambda 0: no term at all
+    zeros = _method("mas", normalize="mean").normalized({"a": torch.zeros(2)})
+    assert zeros["a"].tolist() == [0.0, 0.0]  # nothing to scale by: left as it is, no division by zero
+    # after a resume the penalty binds to the model's parameters on its first step
+    model, processor, enc, samples, ctx = _tiny_ctx(tmp_path)
+    params = ctx.trainable_parameters()
+    name = next(iter(params))
+    m.omega, m.anchor, m.tasks_done = {name: torch.ones_like(params[name])}, {name: torch.zeros_like(params[name])}, ["a"]
+    resumed = _method("ewc", lam=2.0)
+    resumed.load_state_dict(*m.state_dict())
+    assert resumed.tasks_done == ["a"] and torch.equal(resumed.omega[name], m.omega[name])
+    loss = resumed.extra_loss(None, None, ctx)
+    torch.testing.assert_close(loss, (params[name].detach().float() ** 2).sum())  # lam/2 * sum(1 * theta^2)
+
+
+def test_after_task_estimates_on_the_seeded_sample_of_its_task(monkeypatch):
+    from mcit.methods.penalty import ImportancePenalty, importance_sample
+
+    data = {"a": _samples("a", 30), "b": _samples("b", 30)}
+    ctx = TaskContext(torch.nn.Linear(2, 2), _NoAccelerator(), None, ["a", "b"], data, seed=11)
+    seen = []
+    monkeypatch.setattr(ImportancePenalty, "estimate", lambda self, samples, ctx: seen.append(samples) or
+                        {n: torch.zeros_like(p) for n, p in ctx.trainable_parameters().items()})
+    m = _method("ewc", samples=5)
+    m.after_task("b", ctx)
+    assert seen == [importance_sample(data["b"], 5, 11, "b")] and m.tasks_done == ["b"]
+    assert seen[0] != importance_sample(data["b"], 5, 11, "a") and seen[0] != importance_sample(data["b"], 5, 12, "b")
+
+
 # --- the penalty ------------------------------------------------------------------------------
 def test_penalty_gradient_pulls_toward_the_anchor():
     method = _method("ewc", lam=2.0)
