@@ -65,7 +65,7 @@ def test_stem_and_choice_parsing():
 def test_short_answer_rewrites_keep_the_answer_and_come_in_equal_shares(scorer):
     samples = _short_task(12, scorer_refs=True)
     plan = AnswerStyles("color", samples, scorer, 0.5, ("mcq", "yn", "short"), seed=3)
-    assert len(plan.rewrites) == 6 and plan.report() == {"mcq": 3, "yn": 3, "short": 0, "kept": 0}
+    assert len(plan.rewrites) == 6 and plan.report() == {"mcq": 3, "yn": 3, "short": 0, "kept": 0, "untokenizable": 0}
     by_id = {s.id: s for s in samples}
     answers = {"Yes": 0, "No": 0}
     for old_id, new in plan.rewrites.items():
@@ -103,7 +103,7 @@ def test_rewrites_are_deterministic_by_seed():
 def test_choice_task_rewrites_to_the_option_text_and_yes_no():
     samples = _choice_task(8)
     plan = AnswerStyles("sqa", samples, "choice", 1.0, ("mcq", "yn", "short"), seed=0)
-    assert plan.report() == {"mcq": 0, "yn": 4, "short": 4, "kept": 0}  # an option task is not made mcq again
+    assert plan.report() == {"mcq": 0, "yn": 4, "short": 4, "kept": 0, "untokenizable": 0}  # an option task is not made mcq again
     by_id = {s.id: s for s in samples}
     for old_id, new in plan.rewrites.items():
         old = by_id[old_id]
@@ -123,12 +123,23 @@ def test_captions_and_boxes_are_left_as_they_are_and_short_vocabularies_kept():
     two = [Sample(f"t{i}", None, f"What color? {SHORT_ANSWER}", ["red", "blue"][i % 2], [["red", "blue"][i % 2]], "c")
            for i in range(4)]
     plan = AnswerStyles("c", two, "vqa", 1.0, ("mcq",), seed=0)  # mcq needs three distractors: there is one
-    assert plan.rewrites == {} and plan.report() == {"mcq": 0, "kept": 4}
+    assert plan.rewrites == {} and plan.report() == {"mcq": 0, "kept": 4, "untokenizable": 0}
     plan = AnswerStyles("c", two, "vqa", 1.0, ("mcq", "yn"), seed=0)  # yn needs one: every sample falls back to it
-    assert plan.report() == {"mcq": 0, "yn": 4, "kept": 0}
+    assert plan.report() == {"mcq": 0, "yn": 4, "kept": 0, "untokenizable": 0}
 
 
-def test_the_asd_part_rewrites_the_stream_and_sefe_resumes_exactly(smoke_cfg, tmp_path, monkeypatch):
+def test_rewrites_the_tokenizer_cannot_write_are_not_used():
+    """A rewrite whose words the model's tokenizer lacks would train on <unk> targets: the sample
+    takes its next style, or keeps its format."""
+    samples = _short_task(12)
+    no_yes = AnswerStyles("color", samples, "vqa", 0.5, ("mcq", "yn"), seed=3,
+                          known=lambda text: not re.search(r"\b(Yes|No|yes|no)\b", text))
+    assert no_yes.report() == {"mcq": 6, "yn": 0, "kept": 0, "untokenizable": 0}  # every one falls back to mcq
+    nothing = AnswerStyles("color", samples, "vqa", 0.5, ("mcq", "yn"), seed=3, known=lambda text: False)
+    assert nothing.rewrites == {} and nothing.report() == {"mcq": 0, "yn": 0, "kept": 6, "untokenizable": 6}
+
+
+def test_the_asd_part_rewrites_the_stream_and_sefe_resumes_exactly(smoke_cfg, tmp_path, monkeypatch, request):
     from mcit.methods.asd import SEFE
     from mcit.methods.seqft import SeqFT
     from mcit.runner import run
@@ -141,6 +152,11 @@ def test_the_asd_part_rewrites_the_stream_and_sefe_resumes_exactly(smoke_cfg, tm
         seen[task] = samples
         original(self, task, samples, ctx)
 
+    # the smoke model's word vocabulary lacks "yes", "no" and B-D (so would its rewrites be dropped,
+    # test_rewrites_the_tokenizer_cannot_write_are_not_used): the plumbing is tested without the check
+    unchecked = pytest.MonkeyPatch()  # kill_and_resume undoes `monkeypatch`; this one stays to the end
+    request.addfinalizer(unchecked.undo)
+    unchecked.setattr("mcit.methods.asd.covered_by", lambda tokenizer: None)
     monkeypatch.setattr(SeqFT, "before_task", spy)
     cfg = smoke_cfg("asd.share=0.25", "benchmark.tasks=[color,count]")
     results = run(cfg, tmp_path / "part", show_progress=False)
@@ -149,17 +165,28 @@ def test_the_asd_part_rewrites_the_stream_and_sefe_resumes_exactly(smoke_cfg, tm
         changed = [s for s in seen[task] if "#asd-" in s.id]
         assert len(seen[task]) == 64 and len(changed) == 16  # a quarter of the 64 samples, the count kept
         assert {s.id.rsplit("-", 1)[1] for s in changed} == {"mcq", "yn"}
-    assert results["method_report"]["asd_part"] == {"color": {"mcq": 8, "yn": 8, "short": 0, "kept": 0},
-                                                    "count": {"mcq": 8, "yn": 8, "short": 0, "kept": 0}}
+    counts = {"mcq": 8, "yn": 8, "short": 0, "kept": 0, "untokenizable": 0}
+    assert results["method_report"]["asd_part"] == {"color": counts, "count": counts}
     ckpt = "checkpoints/stage_02_count/trainable.safetensors"
 
     cfg = smoke_cfg("method.name=sefe", "model.tuning=lora", "method.share=0.25", "benchmark.tasks=[color,count]")
     whole = run(cfg, tmp_path / "sefe", show_progress=False)
-    assert whole["method_report"]["asd"]["color"] == {"mcq": 8, "yn": 8, "short": 0, "kept": 0}
+    assert whole["method_report"]["asd"]["color"] == counts
     resumed = kill_and_resume(cfg, tmp_path / "killed", SEFE, 2, 3, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
     a, c = load_file(str(tmp_path / "sefe" / ckpt)), load_file(str(tmp_path / "killed" / ckpt))
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_the_tokenizer_check_names_the_missing_words(tmp_path):
+    from mcit.methods.asd import covered_by, missing_words
+    from tests.conftest import make_tiny
+
+    _, processor, _, _ = make_tiny(tmp_path)
+    known = covered_by(processor.tokenizer)
+    assert known("what color is the circle ?") and not known("Is the answer red? Please answer yes or no.")
+    assert missing_words(processor.tokenizer).startswith("'yes', 'no'")
+    assert covered_by(object()) is None  # a tokenizer without an unknown token: no check
 
 
 @pytest.mark.parametrize("overrides, why", [

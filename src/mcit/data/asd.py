@@ -22,12 +22,19 @@ they are (CoIN-ASD gave its Grounding and ImageNet tasks only explanation styles
 
 Everything is seeded by (seed, task, sample id): a sample gets the same rewrite in every stage it
 is trained in (its own and, through a replay buffer, later ones), and a resumed run the same data.
+
+A rewrite must be expressible by the model: given ``known`` (does the tokenizer cover this text?),
+a rewrite with a word the tokenizer maps to its unknown token is not used (the sample tries its
+next style, else keeps its format; ``untokenizable`` counts them). A real LLM's tokenizer covers
+everything; the shipped miniature's word-level vocabulary has no "yes", "no" or option letters
+B-D, and training on ``<unk>`` targets teaches the model to answer nothing.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import replace
 
 from mcit.data.format import Sample
@@ -99,7 +106,7 @@ class AnswerStyles:
     format (counted in ``kept``)."""
 
     def __init__(self, task: str, samples: list[Sample], scorer: str, share: float, styles: tuple[str, ...],
-                 seed: int):
+                 seed: int, known: Callable[[str], bool] | None = None):
         self.task, self.scorer = task, scorer
         key = int(stable_hash([seed, task, "asd"]), 16)
         order = [s.id for s in samples]
@@ -109,21 +116,25 @@ class AnswerStyles:
         self.rewrites: dict[str, Sample] = {}
         self.counts = {s: 0 for s in styles}
         self.kept = 0
+        self.untokenizable = 0  # chosen samples kept because every rewrite had words the tokenizer lacks
         turn = 0
         for s in samples:  # in data order: the style rotation is reproducible
             if s.id not in chosen:
                 continue
             available = [st for st in styles if st in styles_for(scorer, s)]
             rng = random.Random(int(stable_hash([seed, task, s.id, "asd"]), 16))
-            new = None
+            new, unexpressible = None, False
             for k in range(len(available)):
                 style = available[(turn + k) % len(available)]
                 new = self.rewrite(s, style, rng)
+                if new is not None and known is not None and not (known(new.question) and known(new.answer)):
+                    new, unexpressible = None, True
                 if new is not None:
                     break
             turn += 1
             if new is None:
                 self.kept += 1
+                self.untokenizable += unexpressible
                 continue
             self.counts[style] += 1
             self.rewrites[s.id] = new
@@ -190,7 +201,7 @@ class AnswerStyles:
         return [self.rewrites.get(s.id, s) for s in samples]
 
     def report(self) -> dict:
-        return {**self.counts, "kept": self.kept}
+        return {**self.counts, "kept": self.kept, "untokenizable": self.untokenizable}
 
 
 __all__ = ["CHOICE_SCORERS", "SHORT_SCORERS", "STYLES", "AnswerStyles", "parse_choice", "stem", "styles_for"]

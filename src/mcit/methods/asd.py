@@ -14,6 +14,22 @@ from mcit.errors import McitError
 from mcit.methods import register
 from mcit.methods.base import MethodOptions, TaskContext
 from mcit.methods.reglora import RegLoRA, RegLoRAOptions
+from mcit.progress import console
+
+
+def covered_by(tokenizer):
+    """``text -> bool``: the tokenizer encodes ``text`` without its unknown token (None: no check)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return None
+    return lambda text: unk not in tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def missing_words(tokenizer) -> str:
+    """The rewrites' fixed words the tokenizer lacks, e.g. "'yes', 'no', 'b'"."""
+    known = covered_by(tokenizer)
+    words = ["yes", "no", "Yes", "No", *"ABCD", "option's", "letter", "choices", "directly"]
+    return ", ".join(repr(w) for w in words if known is not None and not known(w)) or "none of its fixed words"
 
 
 class ASDOptions(MethodOptions):
@@ -38,8 +54,13 @@ class AnswerStylePart:
         if task not in self.plans:
             if ctx.benchmark is None:
                 raise McitError("asd: needs the run's benchmark (each task's scorer decides its answer formats)")
-            self.plans[task] = AnswerStyles(task, ctx.train_data[task], ctx.benchmark.task(task).scorer,
-                                            self.options.share, tuple(self.options.styles), ctx.run_seed)
+            tokenizer = getattr(ctx.encoder, "tokenizer", None)
+            plan = AnswerStyles(task, ctx.train_data[task], ctx.benchmark.task(task).scorer, self.options.share,
+                                tuple(self.options.styles), ctx.run_seed, known=covered_by(tokenizer))
+            if plan.untokenizable:
+                console.print(f"[yellow]asd: {task}: {plan.untokenizable} of the chosen samples keep their format: "
+                              f"their rewrites need words the tokenizer lacks ({missing_words(tokenizer)})[/]")
+            self.plans[task] = plan
         return self.plans[task]
 
     def train_data(self, task: str, samples: list[Sample], ctx: TaskContext) -> list[Sample]:
