@@ -106,6 +106,10 @@ def test_importance_over_two_processes_is_the_one_process_estimate(tmp_path):
     model(**enc.train_batch(samples[:1])).loss.backward()
     expected = dict(model.named_parameters())[name].grad.pow(2)
     torch.testing.assert_close(_method("ewc").estimate(samples[:1], ctx)[name], expected)
+    model.zero_grad()  # batch_size 2: one pass over both samples, the squared gradient of their batch
+    model(**enc.train_batch(samples)).loss.backward()
+    expected = dict(model.named_parameters())[name].grad.pow(2)
+    torch.testing.assert_close(_method("ewc", batch_size=2).estimate(samples, ctx)[name], expected)
 
 
 def test_penalty_binding_normalising_and_resuming_known_answers(tmp_path):
