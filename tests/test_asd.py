@@ -190,8 +190,9 @@ def test_the_tokenizer_check_names_the_missing_words(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, why", [
-    (["method.name=sefe", "model.tuning=lora", "asd.share=0.2"], "diversifies answer styles already"),
-    (["method.name=zeroshot", "asd.share=0.2"], "does not train"),
+    (["method.name=sefe", "model.tuning=lora", "asd.share=0.2"],
+     "^asd: method 'sefe' diversifies answer styles already; set its own options under method:$"),
+    (["method.name=zeroshot", "asd.share=0.2"], "^asd: method 'zeroshot' does not train; there is no data to rewrite$"),
 ])
 def test_asd_part_is_refused_where_it_means_nothing(overrides, why, smoke_cfg, tmp_path):
     from mcit.runner import run

@@ -53,9 +53,11 @@ def test_ewc_with_replay_trains_on_the_buffer_and_resumes_exactly(smoke_cfg, tmp
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("method, why", [("replay", "replays already"), ("dgg", "replays already"),
-                                         ("joint", "does not train task after task"),
-                                         ("zeroshot", "does not train task after task")])
+@pytest.mark.parametrize("method, why", [
+    ("replay", "replays already; set its own options under method:$"),
+    ("dgg", "replays already; set its own options under method:$"),
+    ("joint", r"does not train task after task \(joint\); there is nothing to replay$"),
+    ("zeroshot", r"does not train task after task \(none\); there is nothing to replay$")])
 def test_replay_part_is_refused_where_it_means_nothing(method, why, smoke_cfg, tmp_path):
     from mcit.runner import run
 
@@ -167,4 +169,7 @@ def test_with_parts_hands_every_hook_to_the_method_and_its_parts():
     assert draw.loaded == {}
     calls.clear()
     assert WithParts(inner, [Rewrite()]).sample_weights(["x"], ctx) == "sample_weights-result"  # no part draws
+    from mcit.methods.parts import with_parts
+
+    assert with_parts(inner) is inner and with_parts(inner, None, {}) is inner  # no part: the method itself
     assert calls == [("sample_weights", (["x"], ctx))]
