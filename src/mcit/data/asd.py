@@ -16,7 +16,9 @@ not released. Here, without an LLM at run time:
   instruction; the target is the correct option's text.
 
 Distractors are other answers of the same task's training set (its answer vocabulary), never one
-the scorer would accept: as CoIN-ASD's ImageNet versions use other class names. The explanation
+equal to a reference after lower-casing and dropping a final period (a ``contains`` or
+``numeric`` scorer may still accept a near form): as CoIN-ASD's ImageNet versions use other
+class names. The explanation
 styles need a generator model and are not offered; tasks scored as captions or boxes are left as
 they are (CoIN-ASD gave its Grounding and ImageNet tasks only explanation styles).
 
@@ -195,10 +197,6 @@ class AnswerStyles:
     @staticmethod
     def _sample(s: Sample, style: str, question: str, answer: str, references: list[str]) -> Sample:
         return replace(s, id=f"{s.id}#asd-{style}", question=question, answer=answer, references=references)
-
-    def apply(self, samples: list[Sample]) -> list[Sample]:
-        """``samples`` (of this task) with the planned rewrites in place; order and count kept."""
-        return [self.rewrites.get(s.id, s) for s in samples]
 
     def report(self) -> dict:
         return {**self.counts, "kept": self.kept, "untokenizable": self.untokenizable}
