@@ -3,6 +3,7 @@
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,19 +58,29 @@ def test_a_changed_file_fails_the_check(tmp_path):
 
 
 def test_every_synth_config_but_the_builders_runs_from_the_shipped_start():
-    seen = 0
+    seen = caption = 0
     for path in sorted(SYNTH_CONFIGS.rglob("*.yaml")):
-        if path.name in ("smoke.yaml", "start.yaml"):
+        if path.name in ("smoke.yaml", "start.yaml", "start_caption.yaml"):
             continue
         cfg = load_config(path)
+        if path.parent.name == "caption_start":  # the same run from He et al.'s caption-only start
+            twin = load_config(SYNTH_CONFIGS / path.name).model_dump()
+            mine = cfg.model_dump()
+            assert mine["model"].pop("path") == Path("runs/starts/synth_caption") and mine["name"] == twin["name"] + "_caption"
+            twin["model"].pop("path")
+            assert {k: v for k, v in mine.items() if k != "name"} == {k: v for k, v in twin.items() if k != "name"}, path
+            caption += 1
+            continue
         assert cfg.model.kind == "start" and cfg.model.start == "synth", path
         seen += 1
-    assert seen >= 20
+    assert seen >= 20 and caption == 5
     assert "synth" in shipped_starts()
     with pytest.raises(ConfigError, match="model.start: no shipped start 'nope'; available: synth"):
         resolve_start("nope")
-    with pytest.raises(ConfigError, match="model.path is for model.kind 'hf'"):
-        load_config(SYNTH_CONFIGS / "seqft.yaml", ["model.path=/tmp"])
+    with pytest.raises(ConfigError, match="model.path is for model.kind 'hf' or 'start' \\(got kind 'tiny'\\)"):
+        load_config(SMOKE, ["model.path=/tmp"])
+    # a start's folder by path: no shipped name is looked up (the default 'synth' would pass anyway)
+    assert load_config(SYNTH_CONFIGS / "seqft.yaml", ["model.path=/nowhere", "model.start=nope"]).model.path
 
 
 def test_base_build_makes_a_loadable_deterministic_start(cache_dir, tmp_path, monkeypatch, capsys):
@@ -89,6 +100,26 @@ def test_base_build_makes_a_loadable_deterministic_start(cache_dir, tmp_path, mo
                               "model.tuning=lora", "train.steps=2", "benchmark.tasks=[color]"])
     results = run(cfg, tmp_path / "run", show_progress=False)
     assert results["matrix"][0] == [a["zero_shot"]["stream"]["color"]]  # its zero-shot row, again
+    # and as a start that is not shipped (model.kind: start, model.path): its manifest names it and
+    # gives its mix, weights' digest and text budget, as a shipped start's does
+    from mcit.assembly import model_key
+    from mcit.models.load import load_pretrained, text_budget
+    from mcit.models.start import start_digest, start_folder, start_mix
+
+    over = [f"cache_dir={cache_dir}", "model.kind=start", f"model.path={tmp_path / 'a'}", "model.tuning=lora",
+            "train.steps=2", "benchmark.tasks=[color]"]
+    as_start = load_config(SMOKE, over)
+    assert start_folder(as_start) == tmp_path / "a" and start_mix(as_start) == a["data"]["mix"]
+    assert start_digest(as_start) == a["files"]["model.safetensors"]
+    assert model_key(as_start, None) == f"start:{a['name']}:{a['files']['model.safetensors'][:16]}"
+
+    model, _ = load_pretrained(tmp_path / "a")
+    # the manifest's budget as a start; as a plain checkpoint folder, what the positions hold
+    assert text_budget(as_start, model, 5) == 48 and text_budget(cfg, model, 5) > 48
+    results = run(as_start, tmp_path / "run_start", show_progress=False)
+    assert results["matrix"][0] == [a["zero_shot"]["stream"]["color"]]
+    with pytest.raises(ConfigError, match=f"model.path: {tmp_path / 'run'} is not a start built by `mcit base build`"):
+        start_folder(load_config(SMOKE, [*over[:2], f"model.path={tmp_path / 'run'}"]))
     monkeypatch.setattr(sys, "argv", ["mcit", "base", "check", str(tmp_path / "a")])
     main()
     assert "files match the manifest" in capsys.readouterr().out

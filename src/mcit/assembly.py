@@ -200,7 +200,7 @@ def model_key(cfg: RunConfig, bench: Benchmark) -> str:
     if cfg.model.kind == "tiny":
         return f"tiny:{base_key(cfg, bench)}"
     if cfg.model.kind == "start":  # the weights' digest: a rebuilt start must not reuse old caches
-        from mcit.models.start import start_digest
+        from mcit.models.start import start_digest, start_name
 
-        return f"start:{cfg.model.start}:{start_digest(cfg)[:16]}"
+        return f"start:{start_name(cfg)}:{start_digest(cfg)[:16]}"
     return f"hf:{Path(cfg.model.path).resolve()}"

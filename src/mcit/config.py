@@ -95,12 +95,13 @@ class LoraConfig(Strict):
 
 
 class ModelConfig(Strict):
-    # start: a start shipped with mcit (model.start), loaded as a checkpoint folder; hf: a local
-    # checkpoint folder (model.path); tiny: a tiny LLaVA built from model.tiny and trained on the
-    # base mix at the first run (cached per config and seed)
+    # start: a start shipped with mcit (model.start), or one built by `mcit base build` into a
+    # folder of your own (model.path), loaded as a checkpoint folder with its manifest's prompt
+    # format and text budget; hf: a local checkpoint folder (model.path); tiny: a tiny LLaVA built
+    # from model.tiny and trained on the base mix at the first run (cached per config and seed)
     kind: Literal["start", "hf", "tiny"] = "start"
-    start: str = "synth"  # kind start: the shipped start's name (`mcit base list`)
-    path: Path | None = None  # hf: a local checkpoint folder
+    path: Path | None = None  # hf: a local checkpoint folder; start: a built start's folder
+    start: str = "synth"  # kind start: the shipped start's name (`mcit base list`); unused with path
     tiny: TinyModelConfig = TinyModelConfig()
     tuning: Literal["full", "lora", "projector"] = "lora"
     lora: LoraConfig = LoraConfig()
@@ -117,8 +118,9 @@ class ModelConfig(Strict):
     def _path_for_hf(self):
         if self.kind == "hf" and self.path is None:
             raise ValueError("model.kind 'hf' needs model.path (a local checkpoint folder)")
-        if self.kind != "hf" and self.path is not None:
-            raise ValueError(f"model.path is for model.kind 'hf' (got kind {self.kind!r}); set model.kind: hf")
+        if self.kind == "tiny" and self.path is not None:
+            raise ValueError("model.path is for model.kind 'hf' or 'start' (got kind 'tiny'); "
+                             "set model.kind: hf")
         if "{question}" not in self.prompt_template:
             raise ValueError("model.prompt_template must contain '{question}'")
         return self
@@ -126,7 +128,7 @@ class ModelConfig(Strict):
     @field_validator("start")
     @classmethod
     def _shipped(cls, v, info):
-        if info.data.get("kind", "start") == "start":
+        if info.data.get("kind", "start") == "start" and info.data.get("path") is None:
             from mcit.models import shipped_starts
 
             starts = shipped_starts()

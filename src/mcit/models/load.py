@@ -114,9 +114,9 @@ def start_path(cfg) -> Path:
     """The checkpoint folder a run loads: the shipped start, the local folder, or (tiny) the cached
     from-scratch base, which only :func:`starting_model` builds."""
     if cfg.model.kind == "start":
-        from mcit.models.start import resolve_start
+        from mcit.models.start import start_folder
 
-        return resolve_start(cfg.model.start)
+        return start_folder(cfg)
     return Path(cfg.model.path)
 
 

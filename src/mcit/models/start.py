@@ -8,7 +8,8 @@ its zero-shot row and the SHA-256 of every file, so a copy can be checked agains
   LLaVA from ``model.tiny``, instruction-tunes it on the benchmark's ``base`` mix and evaluates it
   once (in its own module: it assembles a benchmark as a run does, which imports this one).
 - Shipped starts live in the package (``mcit/starts/<name>/``); ``model.kind: start`` with
-  ``model.start: NAME`` loads one through the same code as any local checkpoint.
+  ``model.start: NAME`` loads one through the same code as any local checkpoint, and with
+  ``model.path: DIR`` a built start that is not shipped (:func:`start_folder`).
 - ``model.kind: tiny`` (from scratch) builds the same way into the cache, keyed by everything
   that shapes it, for those who want a start of their own per config and seed.
 """
@@ -38,6 +39,25 @@ def resolve_start(name: str) -> Path:
     if name not in starts:
         raise ConfigError(f"model.start: no shipped start {name!r}; available: {', '.join(starts) or '(none)'}")
     return starts[name]
+
+
+def start_folder(cfg) -> Path:
+    """``model.kind: start``: the start's folder: ``model.path`` (a start built by ``mcit base
+    build`` and not shipped) or the shipped start ``model.start``."""
+    if cfg.model.path is not None:
+        path = Path(cfg.model.path)
+        if not (path / MANIFEST).is_file():
+            raise ConfigError(f"model.path: {path} is not a start built by `mcit base build` (no {MANIFEST}); "
+                              "for another checkpoint folder set model.kind: hf")
+        return path
+    return resolve_start(cfg.model.start)
+
+
+def start_name(cfg) -> str:
+    """The start's name: its manifest's (a built start's folder) or the shipped one's."""
+    if cfg.model.path is None:
+        return cfg.model.start
+    return read_manifest(start_folder(cfg)).get("name") or Path(cfg.model.path).name
 
 
 def read_manifest(path: Path) -> dict:
@@ -106,15 +126,15 @@ def base_mix(cfg, bench: Benchmark):
 
 
 def start_digest(cfg) -> str:
-    """The SHA-256 of a shipped start's weights, as its manifest records them."""
-    return read_manifest(resolve_start(cfg.model.start))["files"]["model.safetensors"]
+    """The SHA-256 of a start's weights, as its manifest records them."""
+    return read_manifest(start_folder(cfg))["files"]["model.safetensors"]
 
 
 def start_mix(cfg) -> dict[str, float]:
-    """The instruction mix the run's start was tuned on: a shipped start's manifest says; a
+    """The instruction mix the run's start was tuned on: a built start's manifest says; a
     from-scratch or local start is described by ``base.mix``."""
     if cfg.model.kind == "start":
-        return dict(read_manifest(resolve_start(cfg.model.start))["data"]["mix"])
+        return dict(read_manifest(start_folder(cfg))["data"]["mix"])
     return dict(cfg.base.mix)
 
 
