@@ -86,3 +86,37 @@ def test_archived_runs_without_predictions_keep_the_seeds_interval(tmp_path):
     rows = {(r[1], r[3]): r for r in claims_table(runs)}
     assert rows[("DGG above replay with the same buffer", "MFN")][8] == "holds"
     assert rows[("Fwd-Prompt above the plain prompt pool on MFN", "MFN")][8] == "no interval"
+
+
+def test_difference_of_differences_compares_gains_from_two_starts(tmp_path):
+    """He et al.: a regulariser gains more over seqft from the multi-task start than from the
+    caption-only start. (ewc - seqft) - (ewc_caption - seqft_caption) = (80 - 50) - (60 - 50) = 20
+    at every seed (each run 2 points higher per seed, so the seeds' differences are exact)."""
+    runs = [*_method(tmp_path, "ewc", "ewc", 0.8), *_method(tmp_path, "seqft", "seqft", 0.5),
+            *_method(tmp_path, "ewc_caption", "ewc", 0.6), *_method(tmp_path, "seqft_caption", "seqft", 0.5)]
+    rows = {r[1]: r for r in claims_table(runs)}
+    ewc = rows["EWC gains more over seqft from the multi-task start than from the caption-only start"]
+    assert ewc[2] == "(ewc - seqft) - (ewc_caption - seqft_caption)" and ewc[4] == "0,1,2"
+    assert ewc[5] == pytest.approx(20.0) and ewc[6] == pytest.approx([20.0, 20.0]) and ewc[8] == "holds"
+    assert rows["MAS gains more over seqft from the multi-task start than from the caption-only start"][8] == (
+        "not run (mas, mas_caption): needs the caption-only start")
+    one = claims_table([d for d in runs if d.name.endswith("seed=0")])
+    ewc = next(r for r in one if r[1].startswith("EWC gains"))
+    assert ewc[4] == "0" and ewc[5] == pytest.approx(20.0) and ewc[7] == "test samples (bootstrap)"
+    assert ewc[6][0] < 20.0 < ewc[6][1] and ewc[8] == "holds (1 seed)"
+
+
+def test_contrast_bootstrap_resamples_all_runs_of_a_seed_alike(tmp_path):
+    """(A - B) - (A - B) on the same runs is 0 on every resample only if the four runs share one
+    draw of test samples; A - B alone spreads around its value."""
+    from mcit.intervals import contrast_bootstrap
+    from mcit.report import load_results
+
+    a = _method(tmp_path, "a", "ewc", 0.8, seeds=(0,))[0]
+    b = _method(tmp_path, "b", "seqft", 0.5, seeds=(0,), drop=0.3)[0]
+    ra, rb = load_results(a), load_results(b)
+    zero = contrast_bootstrap([[(a, ra, 1.0), (b, rb, -1.0), (a, ra, -1.0), (b, rb, 1.0)]], "MFN", resamples=200)
+    assert zero["mean"] == 0.0 and zero["interval"] == [0.0, 0.0]
+    diff = contrast_bootstrap([[(a, ra, 1.0), (b, rb, -1.0)]], "MFN", resamples=200)
+    assert diff["mean"] == pytest.approx(ra["metrics"]["MFN"] - rb["metrics"]["MFN"])
+    assert diff["interval"][0] < diff["mean"] < diff["interval"][1]

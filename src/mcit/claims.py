@@ -27,6 +27,9 @@ class Claim:
     b: tuple[str, ...] = ()  # config names it is claimed above (the first that has runs); () for a bound
     bound: float = 0.0  # the claim: A - B > bound (strict), or A's metric >= bound
     note: str = ""
+    # (C, D): the claim is (A - B) - (C - D) > bound, a difference of differences over the seeds
+    # all four ran (e.g. a method's gain over seqft from one start against its gain from another)
+    versus: tuple[str, str] | tuple[()] = ()
 
     @property
     def strict(self) -> bool:
@@ -43,6 +46,10 @@ CLAIMS = (
           note="needs the caption-only start"),
     Claim("He et al.", "TIR-MAS above MAS from the caption-only start", "tir_mas_caption", "MFN", ("mas_caption",),
           note="needs the caption-only start"),
+    Claim("He et al.", "EWC gains more over seqft from the multi-task start than from the caption-only start",
+          "ewc", "MFN", ("seqft",), versus=("ewc_caption", "seqft_caption"), note="needs the caption-only start"),
+    Claim("He et al.", "MAS gains more over seqft from the multi-task start than from the caption-only start",
+          "mas", "MFN", ("seqft",), versus=("mas_caption", "seqft_caption"), note="needs the caption-only start"),
     Claim("He et al.", "EProj forgets nothing (BWT >= 0)", "eproj", "BWT"),
     Claim("Fwd-Prompt", "Fwd-Prompt above the plain prompt pool on MFN", "fwd_prompt", "MFN", ("prompt_pool",)),
     Claim("Fwd-Prompt", "Fwd-Prompt above the plain prompt pool on FWT", "fwd_prompt", "FWT", ("prompt_pool",)),
@@ -72,6 +79,8 @@ def check(claim: Claim, rows: list[dict], run_dirs: list[Path]) -> list:
     by_name: dict[str, dict] = {}
     for r in rows:
         by_name.setdefault(r["name"], {})[r["seed"]] = r
+    if claim.versus:
+        return _difference_of_differences(claim, by_name)
     mine = by_name.get(claim.a, {})
     other = next((b for b in claim.b if b in by_name), None)
     compared = f"{claim.a} - {other or (claim.b[0] if claim.b else '')}" if claim.b else claim.a
@@ -101,6 +110,38 @@ def check(claim: Claim, rows: list[dict], run_dirs: list[Path]) -> list:
         return [claim.paper, claim.text, compared, claim.metric, ",".join(map(str, seeds)), mean, "", "", "no interval"]
     return [claim.paper, claim.text, compared, claim.metric, ",".join(map(str, seeds)), mean, [low, high],
             "test samples (bootstrap)" if one else "seeds (Student's t)", verdict(low, high, claim.bound, claim.strict, one)]
+
+
+def _difference_of_differences(claim: Claim, by_name: dict[str, dict]) -> list:
+    """(A - B) - (C - D) per seed that all four ran; Student's t over seeds, or with one seed the
+    bootstrap over test samples resampled alike in the four runs."""
+    from mcit.intervals import contrast_bootstrap, t_interval
+    from mcit.report import load_results
+
+    names = (claim.a, claim.b[0], *claim.versus)
+    compared = f"({names[0]} - {names[1]}) - ({names[2]} - {names[3]})"
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        return [claim.paper, claim.text, compared, claim.metric, "", "", "", "",
+                f"not run ({', '.join(missing)})" + (f": {claim.note}" if claim.note else "")]
+    seeds = sorted(s for s in set.intersection(*(set(by_name[n]) for n in names))
+                   if all(by_name[n][s][claim.metric] is not None for n in names))
+    if not seeds:
+        return [claim.paper, claim.text, compared, claim.metric, "", "", "", "", "no seed run by all four"]
+    weights = (1.0, -1.0, -1.0, 1.0)
+    values = [sum(w * by_name[n][s][claim.metric] for n, w in zip(names, weights, strict=True)) for s in seeds]
+    mean = statistics.fmean(values)
+    if len(seeds) > 1:
+        low, high = t_interval(values)
+        over = "seeds (Student's t)"
+    else:
+        runs = [(Path(by_name[n][seeds[0]]["dir"]), w) for n, w in zip(names, weights, strict=True)]
+        boot = contrast_bootstrap([[(d, load_results(d), w) for d, w in runs]], claim.metric, label="claims")
+        if boot is None:
+            return [claim.paper, claim.text, compared, claim.metric, str(seeds[0]), mean, "", "", "no interval"]
+        (low, high), over = boot["interval"], "test samples (bootstrap)"
+    return [claim.paper, claim.text, compared, claim.metric, ",".join(map(str, seeds)), mean, [low, high], over,
+            verdict(low, high, claim.bound, True, len(seeds) == 1)]
 
 
 def claims_table(run_dirs: list[Path]) -> list[list]:

@@ -139,22 +139,36 @@ def paired_bootstrap(pairs: list[tuple[Path, dict, Path, dict]], metric: str, re
     over pairs of the resampled difference, and its 95% interval. None when the metric is undefined,
     or when a run is archived without its ``predictions/`` (results.json and config.yaml kept: the
     seeds' Student's t interval still reads them)."""
-    if not all((Path(d) / "predictions").is_dir() for dir_a, _, dir_b, _ in pairs for d in (dir_a, dir_b)):
+    return contrast_bootstrap([[(dir_a, res_a, 1.0), (dir_b, res_b, -1.0)] for dir_a, res_a, dir_b, res_b in pairs],
+                              metric, resamples, seed)
+
+
+def contrast_bootstrap(groups: list[list[tuple[Path, dict, float]]], metric: str, resamples: int = RESAMPLES,
+                       seed: int = SEED, label: str = "--paired") -> dict | None:
+    """A weighted sum of ``metric`` over the runs of each group (one group a seed, every run of a
+    group scored on the same test set; e.g. weights +1, -1 for a paired difference, +1, -1, -1, +1
+    for a difference of differences), resampling test samples jointly in all runs of a group: the
+    mean over groups of the resampled sum, and its 95% interval. None as :func:`paired_bootstrap`."""
+    if not all((Path(d) / "predictions").is_dir() for group in groups for d, _, _ in group):
         return None
-    diffs = []
-    for k, (dir_a, res_a, dir_b, res_b) in enumerate(pairs):
-        if res_a["tasks"] != res_b["tasks"] or res_a["test_sizes"] != res_b["test_sizes"]:
-            raise McitError(f"--paired: {dir_a} and {dir_b} are not scored on the same tasks and test sets")
-        idx = draws(res_a, resamples, seed + k)
-        a = resampled_metrics(res_a, resampled_cells(dir_a, res_a, idx)).get(metric)
-        b = resampled_metrics(res_b, resampled_cells(dir_b, res_b, idx)).get(metric)
-        if a is None or b is None:
-            return None
-        diffs.append(a - b)
-    mean = np.mean(np.stack(diffs), axis=0)
-    return {"mean": float(np.mean([(res_a["metrics"][metric] - res_b["metrics"][metric])
-                                   for _, res_a, _, res_b in pairs])),
-            "interval": _interval(mean), "pairs": len(pairs), "resamples": resamples}
+    sums, values = [], []
+    for k, group in enumerate(groups):
+        first_dir, first, _ = group[0]
+        total, value = 0.0, 0.0
+        for run_dir, res, _ in group:
+            if res["tasks"] != first["tasks"] or res["test_sizes"] != first["test_sizes"]:
+                raise McitError(f"{label}: {first_dir} and {run_dir} are not scored on the same tasks and test sets")
+        idx = draws(first, resamples, seed + k)
+        for run_dir, res, weight in group:
+            resampled = resampled_metrics(res, resampled_cells(run_dir, res, idx)).get(metric)
+            if resampled is None:
+                return None
+            total = total + weight * resampled
+            value += weight * res["metrics"][metric]
+        sums.append(total)
+        values.append(value)
+    return {"mean": float(np.mean(values)), "interval": _interval(np.mean(np.stack(sums), axis=0)),
+            "pairs": len(groups), "resamples": resamples}
 
 
 # two-sided 97.5% quantiles of Student's t, by degrees of freedom (1..30; beyond, the normal's)
@@ -175,5 +189,5 @@ def t_interval(values: list[float]) -> list[float] | None:
     return [mean - half, mean + half]
 
 
-__all__ = ["DESCRIPTION", "draws", "headline_resampler", "paired_bootstrap", "resampled_cells", "resampled_metrics",
+__all__ = ["DESCRIPTION", "contrast_bootstrap", "draws", "headline_resampler", "paired_bootstrap", "resampled_cells", "resampled_metrics",
            "run_intervals", "t_interval"]
