@@ -120,3 +120,19 @@ def test_contrast_bootstrap_resamples_all_runs_of_a_seed_alike(tmp_path):
     diff = contrast_bootstrap([[(a, ra, 1.0), (b, rb, -1.0)]], "MFN", resamples=200)
     assert diff["mean"] == pytest.approx(ra["metrics"]["MFN"] - rb["metrics"]["MFN"])
     assert diff["interval"][0] < diff["mean"] < diff["interval"][1]
+
+
+def test_the_readme_claims_table_is_what_the_kept_runs_give():
+    """The README's claims table is `mcit claims results/claims`, row for row: a kept run changed
+    without the README, or a README number edited by hand, fails here."""
+    from pathlib import Path
+
+    from mcit.claims import format_claims
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    start = readme.index("| paper | claim | compared | metric |")
+    table = readme[start:readme.index("\n\n", start)]
+    runs = sorted(d for d in (root / "results" / "claims").iterdir() if d.is_dir())
+    assert len(runs) >= 40
+    assert format_claims(claims_table(runs)).strip() == table.strip()
