@@ -523,16 +523,15 @@ def _check_by(by: str | None) -> None:
 
 
 def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff: str | None, fmt: str = "table") -> None:
+    from mcit.report import compare as compare_runs
     from mcit.report import (
-        GENERAL,
-        METRICS,
         compare_cells,
+        compare_text,
         display_cells,
-        format_compare,
         pooled_differences,
+        shown_metrics,
         tradeoff_png,
     )
-    from mcit.report import compare as compare_runs
     from mcit.utils import atomic_write_bytes
 
     rows = compare_runs(run_dirs, None if tradeoff else figure)
@@ -543,13 +542,12 @@ def _compare(run_dirs: list[Path], figure: Path | None, by: str | None, tradeoff
             what = "; ".join(f"{k} = {' | '.join(map(str, v))}" for k, v in keys.items())
             err.print(f"warning: --by {by} pools runs of {group!r} whose configs differ beyond the seed: {what}",
                       highlight=False, soft_wrap=True)
-    shown = (*METRICS, *(GENERAL if any(r[g] is not None for r in rows for g in GENERAL) else ()))
-    ids, body, metrics = compare_cells(rows, by, shown)
     if fmt != "table":
-        sys.stdout.write(format_compare(ids, body, metrics, fmt, by))
+        sys.stdout.write(compare_text(rows, by, fmt))
         if figure:
             err.print(f"figure: {figure}", highlight=False)
         return
+    ids, body, metrics = compare_cells(rows, by, shown_metrics(rows))
     table = Table(title="mcit compare" + (f" (mean ± std [95% t-interval] over runs, by {by})" if by
                                           else " (value [95% interval over test-set resamples])"))
     cols, cells = display_cells(ids, body, metrics)

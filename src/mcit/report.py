@@ -209,6 +209,16 @@ def compare_cells(rows: list[dict], by: str | None, shown: tuple[str, ...]) -> t
     return [by, "runs"], body, list(shown)
 
 
+def shown_metrics(rows: list[dict]) -> tuple[str, ...]:
+    """compare's metric columns: the stream's, then the general tasks' where any run has them."""
+    return (*METRICS, *(GENERAL if any(r[g] is not None for r in rows for g in GENERAL) else ()))
+
+
+def compare_text(rows: list[dict], by: str | None, fmt: str) -> str:
+    """``mcit compare --format md|csv`` of these rows (README tables are pasted from it)."""
+    return format_compare(*compare_cells(rows, by, shown_metrics(rows)), fmt, by)
+
+
 def format_compare(ids: list[str], body: list[list], metrics: list[str], fmt: str, by: str | None) -> str:
     """``md``: a markdown table (2 decimals; a group's metric as mean ± std [95% interval]);
     ``csv``: every value at full precision, a column for each metric, spread and interval bound."""
