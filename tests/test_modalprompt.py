@@ -63,3 +63,31 @@ def test_modalprompt_runs_the_smoke_stream_and_resumes_exactly(smoke_cfg, tmp_pa
     assert set(report["routing_accuracy"]["2"]) == {"color", "count"}
     resumed = kill_and_resume(cfg, tmp_path / "killed", ModalPrompt, 2, 3, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
+
+
+def test_with_one_task_it_is_a_plain_prompt_of_that_task(tmp_path):
+    """One finished task: every sample takes its prompt, and the model's output equals the plain
+    prompt pool's with one entry holding the same prompt (the same placeholders, nothing else)."""
+    from mcit.models.tuning import apply_tuning
+
+    outputs = []
+    for name in ("modalprompt", "prompt_pool"):
+        (tmp_path / name).mkdir()
+        torch.manual_seed(0)
+        model, _, enc, samples = make_tiny(tmp_path / name)
+        model = apply_tuning(model, "projector")
+        ctx = TaskContext(model, _NoAccelerator(), None, ["a"], {"a": samples}, seed=3)
+        ctx.encoder = enc
+        method = _method(name, length=2, pool_size=1, top_k=1)
+        method.setup(model, ctx)
+        if name == "modalprompt":
+            method.done = 1
+            prompt = torch.randn(method.pool.prompts.shape, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            method.pool.prompts.copy_(prompt)
+        model.eval()
+        with torch.no_grad():
+            outputs.append(model(**enc.train_batch(samples)).logits)
+        assert method.last_selection.tolist() == [[0]] * len(samples)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert outputs[0].abs().sum() > 0
