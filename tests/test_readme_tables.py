@@ -40,3 +40,49 @@ def test_the_readme_trainable_shares_are_the_kept_runs_parameters():
         folder = "claims" if name in ("seqft", "replay") else "methods"
         params = json.loads((ROOT / "results" / folder / f"{name}__seed=0" / "results.json").read_text())["parameters"]
         assert cells[1] == f"{100 * params['trainable'] / params['total']:.2f}% ({params['trainable'] / 1e6:.3f} M)", name
+
+
+CLAIMS = ROOT / "results" / "claims"
+ALL_COMMAND = "mcit compare results/claims/*__seed=* --by name --format md --no-figure"
+SEED0_COMMAND = ("mcit compare results/claims/{seqft,joint,replay,prompt_pool}__seed=0 "
+                 "results/methods/{gem,reglora}__seed=0 --format md --no-figure")
+# issue 23's method list, the caption-only start's five runs included
+ISSUE_23 = ("seqft", "joint", "replay", "ewc", "mas", "lwf", "dgg", "dgg_g_only", "dgg_no_bernoulli",
+            "dgg_no_scaling", "tir_ewc", "tir_mas", "eproj", "eproj_sim", "prompt_pool", "fwd_prompt",
+            "fwd_prompt_pretrained_only", "fwd_prompt_residual_only", "seqft_caption", "ewc_caption",
+            "mas_caption", "tir_ewc_caption", "tir_mas_caption")
+
+
+def test_every_issue_23_method_is_kept_over_three_seeds():
+    kept = {d.name for d in CLAIMS.iterdir() if d.is_dir()}
+    expected = {f"{n}__seed={s}" for n in ISSUE_23 for s in (0, 1, 2)} | {"zeroshot__seed=0"}
+    assert kept == expected, sorted(kept ^ expected)
+
+
+def test_the_readme_default_stream_table_is_what_the_kept_runs_give():
+    from mcit.report import compare, compare_text
+
+    runs = sorted(CLAIMS.glob("*__seed=*"))
+    table = _table_after((ROOT / "README.md").read_text(), ALL_COMMAND, "| name | runs | MFT |")
+    assert compare_text(compare(runs), "name", "md").strip().splitlines() == table
+    assert len(table) == 2 + len(ISSUE_23) + 1  # header, rule, one row per method and zero-shot
+
+
+def test_the_readme_seed0_table_is_what_the_kept_runs_give():
+    from mcit.report import compare, compare_text
+
+    runs = [CLAIMS / f"{n}__seed=0" for n in ("seqft", "joint", "replay", "prompt_pool")]
+    runs += [ROOT / "results" / "methods" / f"{n}__seed=0" for n in ("gem", "reglora")]
+    table = _table_after((ROOT / "README.md").read_text(), SEED0_COMMAND, "| run | method | seed |")
+    assert compare_text(compare(runs), None, "md").strip().splitlines() == table
+
+
+def test_the_readme_seqft_matrix_is_the_kept_seed0_run():
+    results = json.loads((CLAIMS / "seqft__seed=0" / "results.json").read_text())
+    general = results["general"]
+    text = (ROOT / "README.md").read_text()
+    table = _table_after(text, "seqft's matrix (seed 0;", "| after \\ task |")
+    assert table[0] == "| after \\ task | " + " | ".join(results["tasks"] + general["tasks"]) + " |"
+    rows = [f"| {label} | " + " | ".join(f"{v:.1f}" for v in row + grow) + " |"
+            for label, row, grow in zip(results["row_labels"], results["matrix"], general["matrix"], strict=True)]
+    assert table[2:] == rows
