@@ -86,3 +86,43 @@ def test_the_readme_seqft_matrix_is_the_kept_seed0_run():
     rows = [f"| {label} | " + " | ".join(f"{v:.1f}" for v in row + grow) + " |"
             for label, row, grow in zip(results["row_labels"], results["matrix"], general["matrix"], strict=True)]
     assert table[2:] == rows
+
+
+EXPERTS = ROOT / "results" / "experts"
+EXPERTS_COMMAND = ("mcit compare results/experts/*__seed=* results/claims/seqft__seed=* "
+                   "--by name --format md --no-figure")
+
+
+def _experts_names() -> list[str]:
+    return sorted({d.name.split("__seed=")[0] for d in EXPERTS.iterdir() if d.is_dir()})
+
+
+def test_the_kept_expert_runs_have_seeds_0_to_2_each():
+    kept = {d.name for d in EXPERTS.iterdir() if d.is_dir()}
+    names = _experts_names()
+    assert names and set(names) <= {"olora", "moelora", "clmoe", "hide", "hide_mean", "disco", "smolora", "mrlora"}
+    assert kept == {f"{n}__seed={s}" for n in names for s in (0, 1, 2)}
+
+
+def test_the_readme_experts_table_is_what_the_kept_runs_give():
+    from mcit.report import compare, compare_text
+
+    runs = sorted(EXPERTS.glob("*__seed=*")) + sorted(CLAIMS.glob("seqft__seed=*"))
+    table = _table_after((ROOT / "README.md").read_text(), EXPERTS_COMMAND, "| name | runs | MFT |")
+    assert compare_text(compare(runs), "name", "md").strip().splitlines() == table
+
+
+def test_the_readme_experts_routing_and_trainable_columns_are_the_kept_runs():
+    table = _table_after((ROOT / "README.md").read_text(), EXPERTS_COMMAND, "| method | final-row routing % |")
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])}
+    assert sorted(rows) == _experts_names()
+    for name, cells in rows.items():
+        results = [json.loads((EXPERTS / f"{name}__seed={s}" / "results.json").read_text()) for s in (0, 1, 2)]
+        routing = []
+        for r in results:
+            by_row = r["method_report"].get("routing_accuracy")
+            routing.append(None if not by_row else sum(by_row[str(len(r["tasks"]))].values()) / len(r["tasks"]))
+        expected = "n/a" if None in routing else " / ".join(f"{v:.1f}" for v in routing)
+        assert cells[1] == expected, name
+        params = results[0]["parameters"]
+        assert cells[2] == f"{100 * params['trainable'] / params['total']:.2f}% ({params['trainable'] / 1e6:.3f} M)", name
