@@ -14,6 +14,11 @@ def _table_after(text: str, marker: str, header: str) -> list[str]:
     return text[start:text.index("\n\n", start)].strip().splitlines()
 
 
+def _share(params: dict) -> str:
+    """A run's trainable share as the README's tables print it."""
+    return f"{100 * params['trainable'] / params['total']:.2f}% ({params['trainable'] / 1e6:.3f} M)"
+
+
 def _methods_runs() -> list[Path]:
     kept = sorted(d for d in (ROOT / "results" / "methods").iterdir() if d.is_dir())
     refs = [ROOT / "results" / "claims" / f"{name}__seed={s}" for name in ("seqft", "replay") for s in (0, 1, 2)]
@@ -39,7 +44,7 @@ def test_the_readme_trainable_shares_are_the_kept_runs_parameters():
     for name, cells in rows.items():
         folder = "claims" if name in ("seqft", "replay") else "methods"
         params = json.loads((ROOT / "results" / folder / f"{name}__seed=0" / "results.json").read_text())["parameters"]
-        assert cells[1] == f"{100 * params['trainable'] / params['total']:.2f}% ({params['trainable'] / 1e6:.3f} M)", name
+        assert cells[1] == _share(params), name
 
 
 CLAIMS = ROOT / "results" / "claims"
@@ -125,4 +130,4 @@ def test_the_readme_experts_routing_and_trainable_columns_are_the_kept_runs():
         expected = "n/a" if None in routing else " / ".join(f"{v:.1f}" for v in routing)
         assert cells[1] == expected, name
         params = results[0]["parameters"]
-        assert cells[2] == f"{100 * params['trainable'] / params['total']:.2f}% ({params['trainable'] / 1e6:.3f} M)", name
+        assert cells[2] == _share(params), name
