@@ -14,6 +14,19 @@ def _table_after(text: str, marker: str, header: str) -> list[str]:
     return text[start:text.index("\n\n", start)].strip().splitlines()
 
 
+def _compare_lines(runs: list[Path], by: str | None) -> list[str]:
+    """What `mcit compare RUNS [--by BY] --format md` prints, as lines."""
+    from mcit.report import compare, compare_text
+
+    return compare_text(compare(runs), by, "md").strip().splitlines()
+
+
+def _rows(table: list[str]) -> dict[str, list[str]]:
+    """A markdown table's body rows as cells, keyed by the first cell."""
+    cells = ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])
+    return {row[0]: row for row in cells}
+
+
 def _share(params: dict) -> str:
     """A run's trainable share as the README's tables print it."""
     return f"{100 * params['trainable'] / params['total']:.2f}% ({params['trainable'] / 1e6:.3f} M)"
@@ -26,20 +39,18 @@ def _methods_runs() -> list[Path]:
 
 
 def test_the_readme_methods_table_is_what_the_kept_runs_give():
-    from mcit.report import compare, compare_text
-
     runs = _methods_runs()
     kept = [d.name for d in runs if d.parent.name == "methods"]
     # issue 20's six configs, seeds 0-2 each
     assert sorted(kept) == sorted(f"{n}__seed={s}" for n in ("gem", "keeplora", "modalprompt", "reglora", "same", "sefe")
                                   for s in (0, 1, 2))
     table = _table_after((ROOT / "README.md").read_text(), METHODS_COMMAND, "| name | runs | MFT |")
-    assert compare_text(compare(runs), "name", "md").strip().splitlines() == table
+    assert _compare_lines(runs, "name") == table
 
 
 def test_the_readme_trainable_shares_are_the_kept_runs_parameters():
     table = _table_after((ROOT / "README.md").read_text(), METHODS_COMMAND, "| method | trainable |")
-    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])}
+    rows = _rows(table)
     assert set(rows) == {"gem", "keeplora", "modalprompt", "reglora", "same", "sefe", "seqft", "replay"}
     for name, cells in rows.items():
         folder = "claims" if name in ("seqft", "replay") else "methods"
@@ -65,21 +76,17 @@ def test_every_issue_23_method_is_kept_over_three_seeds():
 
 
 def test_the_readme_default_stream_table_is_what_the_kept_runs_give():
-    from mcit.report import compare, compare_text
-
     runs = sorted(CLAIMS.glob("*__seed=*"))
     table = _table_after((ROOT / "README.md").read_text(), ALL_COMMAND, "| name | runs | MFT |")
-    assert compare_text(compare(runs), "name", "md").strip().splitlines() == table
+    assert _compare_lines(runs, "name") == table
     assert len(table) == 2 + len(ISSUE_23) + 1  # header, rule, one row per method and zero-shot
 
 
 def test_the_readme_seed0_table_is_what_the_kept_runs_give():
-    from mcit.report import compare, compare_text
-
     runs = [CLAIMS / f"{n}__seed=0" for n in ("seqft", "joint", "replay", "prompt_pool")]
     runs += [ROOT / "results" / "methods" / f"{n}__seed=0" for n in ("gem", "reglora")]
     table = _table_after((ROOT / "README.md").read_text(), SEED0_COMMAND, "| run | method | seed |")
-    assert compare_text(compare(runs), None, "md").strip().splitlines() == table
+    assert _compare_lines(runs, None) == table
 
 
 def test_the_readme_seqft_matrix_is_the_kept_seed0_run():
@@ -110,16 +117,14 @@ def test_the_kept_expert_runs_have_seeds_0_to_2_each():
 
 
 def test_the_readme_experts_table_is_what_the_kept_runs_give():
-    from mcit.report import compare, compare_text
-
     runs = sorted(EXPERTS.glob("*__seed=*")) + sorted(CLAIMS.glob("seqft__seed=*"))
     table = _table_after((ROOT / "README.md").read_text(), EXPERTS_COMMAND, "| name | runs | MFT |")
-    assert compare_text(compare(runs), "name", "md").strip().splitlines() == table
+    assert _compare_lines(runs, "name") == table
 
 
 def test_the_readme_experts_routing_and_trainable_columns_are_the_kept_runs():
     table = _table_after((ROOT / "README.md").read_text(), EXPERTS_COMMAND, "| method | final-row routing % |")
-    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])}
+    rows = _rows(table)
     assert sorted(rows) == _experts_names()
     for name, cells in rows.items():
         results = [json.loads((EXPERTS / f"{name}__seed={s}" / "results.json").read_text()) for s in (0, 1, 2)]
