@@ -294,6 +294,25 @@ def test_mrlora_with_a_perfect_router_equals_the_tasks_own_expert(tmp_path):
     assert isinstance(method, MRLoRA)
 
 
+def test_mrlora_trains_only_the_current_tasks_expert(tmp_path):
+    model, enc, samples = _lora_model(tmp_path)
+    ctx = TaskContext(model, _NoAccelerator(), None, ["a", "b"], {"a": samples, "b": samples}, seed=5)
+    ctx.encoder = enc
+    method = _method("mrlora")
+    method.setup(model, ctx)
+    _randomise(method.bank, 8)
+    for stage, expected in ((1, {1, 2}), (2, {0, 2})):  # experts 0, 1 are the tasks', 2 the router
+        ctx.stage = stage
+        method.before_task("ab"[stage - 1], samples, ctx)
+        assert method.bank.frozen == expected
+        model.zero_grad()
+        model(**enc.train_batch(samples)).loss.backward()
+        method.before_step(ctx)
+        grads = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.bank.expert_parameters(e))
+                 for e in range(3)]
+        assert grads == [e == stage - 1 for e in range(3)]
+
+
 def test_mrlora_router_set_is_labelled_and_stable(tmp_path):
     model, enc, samples = _lora_model(tmp_path)
     data = {"a": samples * 10, "b": samples * 10}
@@ -331,6 +350,7 @@ def test_mrlora_runs_the_smoke_stream_routes_and_resumes_exactly(smoke_cfg, tmp_
     s1 = load_file(str(next(ck.glob("stage_01_*")) / "trainable.safetensors"))
     s2 = load_file(str(next(ck.glob("stage_02_*")) / "trainable.safetensors"))
     assert all(torch.equal(s1[k], s2[k]) for k in s1 if ".e0." in k)  # task 1's expert: untouched after it
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1 if ".e1." in k)  # task 2's expert: trained in task 2
     assert any(not torch.equal(s1[k], s2[k]) for k in s1 if ".e2." in k)  # the router: retrained
     resumed = kill_and_resume(cfg, tmp_path / "killed", MRLoRA, 2, 3, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
@@ -454,6 +474,7 @@ def test_anchor_methods_run_the_smoke_stream_and_resume_exactly(smoke_cfg, tmp_p
     s1 = load_file(str(next(ck.glob("stage_01_*")) / "trainable.safetensors"))
     s2 = load_file(str(next(ck.glob("stage_02_*")) / "trainable.safetensors"))
     assert all(torch.equal(s1[k], s2[k]) for k in s1 if ".e0." in k)  # task 1's expert: untouched after it
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1 if ".e1." in k)  # task 2's expert: trained in task 2
     resumed = kill_and_resume(cfg, tmp_path / "killed", get_method(name), 2, 3, monkeypatch)
     assert resumed["matrix"] == whole["matrix"]
     assert resumed["method_report"] == report

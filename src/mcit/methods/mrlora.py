@@ -98,9 +98,9 @@ class MRLoRA(Method):
 
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
         e = ctx.stage - 1
-        for k in range(self.n_tasks + 1):
-            if k != e:
-                self.bank.freeze(k)
+        # only this task's expert trains: every other one, the router and the experts of tasks to
+        # come included, is frozen (a set, not an addition: task e's expert was frozen before it)
+        self.bank.frozen = set(range(self.n_tasks + 1)) - {e}
         self.bank.use(e)
 
     def before_step(self, ctx: TaskContext) -> None:
