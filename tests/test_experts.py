@@ -161,17 +161,18 @@ def test_olora_loss_is_zero_for_orthogonal_factors_and_grows_with_overlap(tmp_pa
     assert d > 3
 
 
-def _olora_ctx(tmp_path, **options):
+def _two_task_ctx(tmp_path, name, **options):
+    """Method ``name`` set up on the tiny LoRA model for a two-task stream (a, b)."""
     model, enc, samples = _lora_model(tmp_path)
     ctx = TaskContext(model, _NoAccelerator(), None, ["a", "b"], {"a": samples, "b": samples}, seed=5)
     ctx.encoder = enc
-    method = _method("olora", **options)
+    method = _method(name, **options)
     method.setup(model, ctx)
     return method, model, enc, samples, ctx
 
 
 def test_olora_trains_the_current_expert_and_sums_the_finished_ones(tmp_path):
-    method, model, enc, samples, ctx = _olora_ctx(tmp_path, lambda_orth=1.0, lambda_l2=0.5)
+    method, model, enc, samples, ctx = _two_task_ctx(tmp_path, "olora", lambda_orth=1.0, lambda_l2=0.5)
     ctx.stage = 2
     method.before_task("b", samples, ctx)
     assert method.bank.frozen == {0}
@@ -274,11 +275,7 @@ def test_recorded_gates_are_summed_over_processes(tmp_path, monkeypatch):
 def test_mrlora_with_a_perfect_router_equals_the_tasks_own_expert(tmp_path):
     from mcit.methods.mrlora import MRLoRA
 
-    model, enc, samples = _lora_model(tmp_path)
-    ctx = TaskContext(model, _NoAccelerator(), None, ["a", "b"], {"a": samples, "b": samples}, seed=5)
-    ctx.encoder = enc
-    method = _method("mrlora")
-    method.setup(model, ctx)
+    method, model, enc, samples, ctx = _two_task_ctx(tmp_path, "mrlora")
     _randomise(method.bank, 8)
     method.done = 2
     model.eval()
@@ -295,11 +292,7 @@ def test_mrlora_with_a_perfect_router_equals_the_tasks_own_expert(tmp_path):
 
 
 def test_mrlora_trains_only_the_current_tasks_expert(tmp_path):
-    model, enc, samples = _lora_model(tmp_path)
-    ctx = TaskContext(model, _NoAccelerator(), None, ["a", "b"], {"a": samples, "b": samples}, seed=5)
-    ctx.encoder = enc
-    method = _method("mrlora")
-    method.setup(model, ctx)
+    method, model, enc, samples, ctx = _two_task_ctx(tmp_path, "mrlora")
     _randomise(method.bank, 8)
     for stage, expected in ((1, {1, 2}), (2, {0, 2})):  # experts 0, 1 are the tasks', 2 the router
         ctx.stage = stage
