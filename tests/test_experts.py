@@ -112,6 +112,13 @@ def test_frozen_experts_get_no_gradient(tmp_path):
     bank.drop_frozen_grads()
     assert all(p.grad is None for p in bank.expert_parameters(0))
     assert all(p.grad is not None for p in bank.expert_parameters(1))
+    bank.train_only([0])  # replaces the frozen set: expert 0 trains again, expert 1 is frozen
+    assert bank.frozen == {1}
+    model.zero_grad()
+    model(**enc.train_batch(samples)).loss.backward()
+    bank.drop_frozen_grads()
+    assert all(p.grad is not None for p in bank.expert_parameters(0))
+    assert all(p.grad is None for p in bank.expert_parameters(1))
 
 
 def test_the_bank_needs_lora(tmp_path):

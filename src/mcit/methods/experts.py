@@ -118,7 +118,13 @@ class ExpertBank:
                 for n, layer in self.layers.items()}
 
     def freeze(self, e: int) -> None:
+        """Add expert ``e`` to the frozen ones (the others keep their state)."""
         self.frozen.add(e)
+
+    def train_only(self, experts: list[int]) -> None:
+        """Freeze every expert but ``experts``, which train, even if frozen before (e.g. a later
+        task's expert, frozen while an earlier task trained)."""
+        self.frozen = set(range(self.n)) - set(experts)
 
     def drop_frozen_grads(self) -> None:
         """Between backward and the optimiser step: frozen experts get no update (grad None)."""

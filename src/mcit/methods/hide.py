@@ -78,7 +78,7 @@ class AnchoredExperts(Method):
     # --- training ------------------------------------------------------------------------------
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
         e = ctx.stage - 1
-        self.bank.frozen = set(range(self.n_tasks)) - {e}
+        self.bank.train_only([e])
         self.bank.merge_layers([], [])
         self.bank.use(e)
 
@@ -99,7 +99,7 @@ class AnchoredExperts(Method):
             self.text_anchor = torch.zeros(self.n_tasks, text.shape[0])
         self.image_anchor[e], self.text_anchor[e] = image, text
         self.done = ctx.stage
-        self.bank.frozen = set(range(self.n_tasks))
+        self.bank.train_only([])
         self.set_inference()
 
     # --- inference -----------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class AnchoredExperts(Method):
         self.done = int(meta.get("done", 0))
         if "image_anchor" in tensors:
             self.image_anchor, self.text_anchor = tensors["image_anchor"], tensors["text_anchor"]
-        self.bank.frozen = set(range(self.n_tasks))
+        self.bank.train_only([])
         if self.done:
             self.set_inference()
 

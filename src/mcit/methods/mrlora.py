@@ -98,9 +98,7 @@ class MRLoRA(Method):
 
     def before_task(self, task: str, samples: list[Sample], ctx: TaskContext) -> None:
         e = ctx.stage - 1
-        # only this task's expert trains: every other one, the router and the experts of tasks to
-        # come included, is frozen (a set, not an addition: task e's expert was frozen before it)
-        self.bank.frozen = set(range(self.n_tasks + 1)) - {e}
+        self.bank.train_only([e])  # the router and the other tasks' experts, later ones included, frozen
         self.bank.use(e)
 
     def before_step(self, ctx: TaskContext) -> None:
